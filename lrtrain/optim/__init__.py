@@ -1,0 +1,17 @@
+"""Drop-in torch.optim optimizers that keep Adam's state in low-rank subspaces of the gradient."""
+
+from .fira import FiraAdamW
+from .frugal import FrugalAdamW
+from .galore import GaLoreAdamW
+from .groups import describe, param_groups, select_linear_modules
+from .subspace import SubspaceAdamW
+
+__all__ = [
+    "FiraAdamW",
+    "FrugalAdamW",
+    "GaLoreAdamW",
+    "SubspaceAdamW",
+    "describe",
+    "param_groups",
+    "select_linear_modules",
+]

@@ -1,0 +1,161 @@
+"""Low-rank subspaces of a gradient matrix: the side, the basis, and the maps into and out of it.
+
+For a weight W and its gradient G of shape (m, n) and a rank r:
+
+=============  ==========================  ===================  =========================
+side           basis                       down: R = ...        up: back(N) = ...
+=============  ==========================  ===================  =========================
+``right``      Q (r, n), orthonormal rows  G Qᵀ        (m, r)   N Q                 (m, n)
+``left``       P (m, r), orthonormal cols  Pᵀ G        (r, n)   P N                 (m, n)
+coordinates    idx (r,) int64 columns      G[:, idx]   (m, r)   N scattered to idx  (m, n)
+(right/left)   or rows                     G[idx, :]   (r, n)
+=============  ==========================  ===================  =========================
+
+A coordinate basis is an index vector (a selection of rows of the identity), so it is stored as
+int64 and applied by gather/scatter instead of a matmul. Every basis here is orthonormal, which
+the Fira rule relies on (``‖G - α·back(R)‖²`` row by row from ``‖G‖²`` and ``‖R‖²``).
+
+Everything is a pure function of tensors and plain values: the optimizer keeps only the basis
+tensor (and a seed) in its state, so ``state_dict`` holds tensors only.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+PROJ_METHODS = ("svd", "random", "coordinates")
+
+
+def projection_side(shape: tuple[int, ...], proj_type: str) -> str:
+    """The side GaLore projects on: ``std`` is right for tall/square (m >= n), left for wide."""
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    if proj_type in ("left", "right"):
+        return proj_type
+    raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+
+
+def subspace_rank(shape: tuple[int, ...], side: str, rank: int | None, density: float | None) -> int:
+    """Rank of the subspace: ``rank``, or ``round(density * d)`` with d the projected side's size
+    (FRUGAL's rule); at least 1 and at most ``min(m, n)``."""
+    m, n = shape
+    if rank is None:
+        rank = max(1, round(density * (n if side == "right" else m)))
+    return min(rank, m, n)
+
+
+def project(grad: Tensor, basis: Tensor, side: str) -> Tensor:
+    """R = G Qᵀ (right), Pᵀ G (left), or the selected columns/rows (coordinates)."""
+    if not basis.is_floating_point():
+        return grad.index_select(1 if side == "right" else 0, basis)
+    return grad @ basis.T if side == "right" else basis.T @ grad
+
+
+def project_back(low_rank: Tensor, basis: Tensor, side: str, shape: tuple[int, ...]) -> Tensor:
+    """back(N) as a new (m, n) tensor: N Q, P N, or N scattered into zeros."""
+    full = low_rank.new_zeros(shape)
+    add_project_back_(full, low_rank, basis, side, alpha=1.0)
+    return full
+
+
+def add_project_back_(out: Tensor, low_rank: Tensor, basis: Tensor, side: str, alpha: float) -> Tensor:
+    """out += alpha * back(N), written into ``out`` without a full-size temporary."""
+    if not basis.is_floating_point():
+        return out.index_add_(1 if side == "right" else 0, basis, low_rank, alpha=alpha)
+    if side == "right":
+        return out.addmm_(low_rank, basis, alpha=alpha)
+    return out.addmm_(basis, low_rank, alpha=alpha)
+
+
+def low_rank_shape(shape: tuple[int, ...], side: str, rank: int) -> tuple[int, int]:
+    m, n = shape
+    return (m, rank) if side == "right" else (rank, n)
+
+
+# --------------------------------------------------------------------------- bases
+
+
+def svd_basis(grad: Tensor, rank: int, side: str) -> Tensor:
+    """Top-``rank`` singular vectors of G (exact ``torch.linalg.svd``, as GaLore computes them):
+    rows of Vh (right, (r, n)) or columns of U (left, (m, r)). ``grad`` is used in its own dtype
+    (the caller passes float32 or float64)."""
+    u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+    return vh[:rank].contiguous() if side == "right" else u[:, :rank].contiguous()
+
+
+def robust_svd_basis(grad: Tensor, rank: int, side: str, previous: Tensor | None, name: str) -> Tensor:
+    """``svd_basis`` with fallbacks when the SVD fails to converge: float64 on the CPU, then the
+    previous basis (or, on the first refresh, a random orthonormal one). Each fallback warns."""
+    try:
+        return svd_basis(grad, rank, side)
+    except RuntimeError as err:  # torch.linalg.LinAlgError is a RuntimeError
+        first_error = err
+    try:
+        basis = svd_basis(grad.detach().to("cpu", torch.float64), rank, side)
+        warnings.warn(
+            f"SVD of the gradient of {name} failed ({first_error}); used a float64 CPU SVD instead.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return basis.to(device=grad.device, dtype=grad.dtype)
+    except RuntimeError:
+        pass
+    if previous is not None:
+        warnings.warn(
+            f"SVD of the gradient of {name} failed ({first_error}), also in float64; kept its previous basis.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return previous
+    warnings.warn(
+        f"SVD of the gradient of {name} failed ({first_error}), also in float64; started from a random basis.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return random_basis(0, tuple(grad.shape), rank, side, dtype=grad.dtype, device=grad.device)
+
+
+def random_basis(
+    seed: int, shape: tuple[int, ...], rank: int, side: str, *, dtype: torch.dtype, device: torch.device | str
+) -> Tensor:
+    """A Haar-random orthonormal basis, a pure function of ``seed`` (drawn on the CPU, so every
+    device and every rank regenerates the same basis): QR of a Gaussian (d, r) matrix with the
+    signs of R's diagonal folded into Q."""
+    dim = shape[1] if side == "right" else shape[0]
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    gaussian = torch.randn(dim, rank, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+    basis = q.T if side == "right" else q
+    return basis.to(device=device, dtype=dtype).contiguous()
+
+
+def coordinate_basis(seed: int, shape: tuple[int, ...], rank: int, side: str, *, device: torch.device | str) -> Tensor:
+    """``rank`` distinct columns (right) or rows (left), uniformly at random from ``seed``, sorted."""
+    dim = shape[1] if side == "right" else shape[0]
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    chosen = torch.randperm(dim, generator=generator)[:rank]
+    return chosen.sort().values.to(device)
+
+
+# --------------------------------------------------------------------------- seeds
+
+_SEED_MASK = (1 << 63) - 1
+
+
+def initial_seed(group_seed: int, param_index: int) -> int:
+    """The first basis seed of the ``param_index``-th parameter: the same on every rank."""
+    return next_seed((group_seed * 1_000_003 + param_index) & _SEED_MASK)
+
+
+def next_seed(seed: int) -> int:
+    """The seed of the next refresh (a 63-bit LCG step, then a xorshift to mix the low bits)."""
+    seed = (seed * 6364136223846793005 + 1442695040888963407) & _SEED_MASK
+    return seed ^ (seed >> 29)

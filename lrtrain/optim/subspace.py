@@ -1,0 +1,594 @@
+"""The engine behind GaLoreAdamW, FiraAdamW and FrugalAdamW: Adam in a low-rank subspace of each
+gradient matrix, plus a rule for the part of the gradient that falls outside it.
+
+For a 2-D weight W (m, n) with gradient G in a group that has ``rank`` (or ``density``), at step
+t (t0 = t - 1 steps taken so far):
+
+1. refresh, when t0 % update_proj_gap == 0: a basis of a rank-r subspace of G (``projector``);
+   moments kept (``refresh_moments="keep"``) or zeroed with the step count (``"reset"``);
+2. R = down(G), shape (m, r) or (r, n);
+3. M ← β1·M + (1-β1)·R,  V ← β2·V + (1-β2)·R²,  and the Adam direction with its step size s:
+     ``adam_style="hf"``    (galore-torch, fira):  N = M / (√V + ε),          s = lr·√(1-β2ᵗ)/(1-β1ᵗ)
+     ``adam_style="torch"`` (FRUGAL, torch.optim): N = M / (√V/√(1-β2ᵗ) + ε),  s = lr/(1-β1ᵗ)
+4. W ← W - s·scale·back(N) - residual term, with ``residual``:
+     ``"none"``      GaLore: nothing;
+     ``"fira"``      Fira: s·ℓ⁻¹·φ⊙(G - scale·back(R)), φ = ‖N‖/(‖R‖+1e-8) per row (right side) or
+                     column (left side), ℓ = max(‖S‖/‖S_prev‖, γ)/γ the norm-growth limiter (γ=1.01);
+     ``"sign_sgd"``  FRUGAL: lr·scale·c·sign(G - back(R)),  c = ``state_free_lr_scale``;
+     ``"sgd"``       FRUGAL: lr·scale·c·(G - back(R));
+5. decoupled weight decay W ← W·(1 - lr·wd): after the update for "hf" (as galore-torch and fira
+   do), before it for "torch" (as torch.optim.AdamW and FRUGAL do).
+
+``proj_method="blocks"`` is FRUGAL's whole-tensor mode: every ``update_proj_gap`` steps a fraction
+``density`` of the group's tensors (any shape) is chosen (``block_order``); those get Adam with
+fresh moments, the rest the state-free ``residual`` rule on all of G.
+
+Groups without ``rank``/``density`` are plain AdamW in the same ``adam_style``. The state holds
+tensors only: ``step`` (0-d float32, CPU, as torch.optim), ``exp_avg``/``exp_avg_sq``, ``basis``
+(float, or int64 indices for coordinates), ``seed`` (int64), ``limiter_norm`` (Fira) and
+``active`` (blocks). Projection math runs in float32 (float64 for float64 parameters) whatever the
+parameter dtype, and the subspace state is kept in that dtype, also across ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .projector import (
+    PROJ_METHODS,
+    PROJ_TYPES,
+    add_project_back_,
+    coordinate_basis,
+    initial_seed,
+    low_rank_shape,
+    next_seed,
+    project,
+    projection_side,
+    random_basis,
+    robust_svd_basis,
+    subspace_rank,
+)
+
+ADAM_STYLES = ("hf", "torch")
+RESIDUALS = ("none", "fira", "sign_sgd", "sgd")
+REFRESH_MOMENTS = ("keep", "reset")
+BLOCK_ORDERS = ("random", "ascending", "descending", "mirror")
+ON_NONFINITE = ("skip", "raise")
+GROUP_METHODS = (*PROJ_METHODS, "blocks")
+
+#: Options every group carries (constructor keywords become the defaults of every group).
+ENGINE_OPTIONS: dict[str, Any] = {
+    "update_proj_gap": 200,
+    "scale": 0.25,
+    "proj_type": "std",
+    "proj_method": "svd",
+    "refresh_moments": "keep",
+    "residual": "none",
+    "state_free_lr_scale": 1.0,
+    "limiter_gamma": 1.01,
+    "adam_style": "hf",
+    "block_order": "random",
+    "seed": 0,
+    "on_nonfinite": "skip",
+}
+#: Keys whose presence makes a group a subspace group (never defaults).
+MARKER_KEYS = ("rank", "density")
+#: Names from the reference packages, accepted and renamed.
+ALIASES = {"alpha": "scale", "state_free": "residual"}
+#: Keys other code puts in param groups; known, so never taken for misspellings.
+_FOREIGN_KEYS = {"params", "param_names", "initial_lr", "block_cursor"}
+#: State entries that keep their saved dtype on load (torch casts floating state to the param dtype).
+_KEEP_DTYPE = {"basis", "seed", "limiter_norm", "active"}
+_ON_CPU = {"step", "seed"}
+
+
+def is_projected(group: dict) -> bool:
+    """A group is a subspace group when it has ``rank`` or ``density`` (galore-torch's rule)."""
+    return any(group.get(key) is not None for key in MARKER_KEYS)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, else the dtype itself (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def param_layout(shape: tuple[int, ...], group: dict) -> tuple[str, int]:
+    """(side, rank) of a 2-D parameter in a subspace group."""
+    side = projection_side(shape, group["proj_type"])
+    return side, subspace_rank(shape, side, group.get("rank"), group.get("density"))
+
+
+# --------------------------------------------------------------------------- Adam math
+#
+# One tensor at a time, in place: on a CPU, batching the elementwise work of all matrices with
+# foreach ops keeps every temporary alive at once (~2x the low-rank state per step), and the fresh
+# pages cost more than the per-call overhead they save (measured with scripts/bench_optim.py).
+
+
+def adam_denominator_(
+    exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, step: float, group: dict, out: Tensor | None = None
+) -> Tensor:
+    """Update the moments in place, M ← β1·M + (1-β1)·g, V ← β2·V + (1-β2)·g² (torch.optim.AdamW's
+    ops in its order), and return √V + ε ("hf") or √V/√(1-β2ᵗ) + ε ("torch"), written into ``out``
+    (which may be ``grad``) or a new tensor."""
+    beta1, beta2 = group["betas"]
+    exp_avg.lerp_(grad, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    denom = torch.sqrt(exp_avg_sq, out=out)
+    if group["adam_style"] == "torch" and group["correct_bias"]:
+        denom.div_(math.sqrt(1.0 - beta2**step))
+    return denom.add_(group["eps"])
+
+
+def adam_step_size(lr: float, step: float, group: dict) -> float:
+    """lr·√(1-β2ᵗ)/(1-β1ᵗ) ("hf") or lr/(1-β1ᵗ) ("torch"); lr without bias correction."""
+    if not group["correct_bias"]:
+        return lr
+    beta1, beta2 = group["betas"]
+    if group["adam_style"] == "hf":
+        return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    return lr / (1.0 - beta1**step)
+
+
+def adamw_(param: Tensor, grad: Tensor, state: dict, group: dict, lr_scale: float = 1.0) -> None:
+    """One AdamW step on a whole tensor; with adam_style="torch" these are torch.optim.AdamW's ops
+    (its single-tensor path), so the numbers are identical. Adam uses lr·lr_scale, the decoupled
+    decay the group's lr (FRUGAL's rule for its scaled groups)."""
+    lr, wd = float(group["lr"]), group["weight_decay"]
+    decay_first = group["adam_style"] == "torch"
+    if wd and decay_first:
+        param.mul_(1.0 - lr * wd)
+    step = float(state["step"].add_(1.0))
+    denom = adam_denominator_(state["exp_avg"], state["exp_avg_sq"], grad, step, group)
+    param.addcdiv_(state["exp_avg"], denom, value=-adam_step_size(lr * lr_scale, step, group))
+    if wd and not decay_first:
+        param.mul_(1.0 - lr * wd)
+
+
+# --------------------------------------------------------------------------- residual rules
+
+
+def fira_update_(
+    weight: Tensor, grad: Tensor, low: Tensor, direction: Tensor, basis: Tensor, side: str,
+    step_size: float, scale: float, state: dict, gamma: float | None,
+) -> None:
+    """W ← W - s·(scale·back(N) + ℓ⁻¹·φ⊙(G - scale·back(R))), without a full-size temporary.
+
+    With an orthonormal basis, row i (right side; column i on the left) of the residual obeys
+    ‖g_i - α·back(R)_i‖² = ‖g_i‖² - (2α - α²)·‖R_i‖², which gives ‖S‖ for the limiter; and
+    φ⊙back(R) = back(φ⊙R), so the whole update is back(α(N - c⊙R)) + c⊙G with c = φ/ℓ.
+    ``low`` is R, ``direction`` is N; the limiter state is ``state["limiter_norm"]`` (0-d).
+    """
+    dim = 1 if side == "right" else 0  # reduce over the rank dimension of R and N
+    phi = torch.linalg.vector_norm(direction, dim=dim) / (torch.linalg.vector_norm(low, dim=dim) + 1e-8)
+    residual_sq = torch.linalg.vector_norm(grad, dim=dim).square_()
+    residual_sq.sub_(low.square().sum(dim=dim), alpha=2.0 * scale - scale * scale).clamp_(min=0.0)
+    residual_norm = (phi.square() * residual_sq).sum().sqrt()
+    if gamma is not None and "limiter_norm" in state:
+        limiter = torch.clamp(residual_norm / (state["limiter_norm"] + 1e-8), min=gamma) / gamma
+        phi = phi / limiter
+        residual_norm = residual_norm / limiter
+    state["limiter_norm"] = residual_norm
+    coef = phi.unsqueeze(dim)  # (m, 1) on the right, (1, n) on the left
+    add_project_back_(weight, (direction - coef * low).mul_(scale), basis, side, alpha=-step_size)
+    weight.addcmul_(coef, grad, value=-step_size)
+
+
+def state_free_update_(
+    weight: Tensor, grad: Tensor, low: Tensor | None, basis: Tensor | None, side: str, rule: str, lr: float
+) -> None:
+    """W ← W - lr·rule(G - back(R)) for ``rule`` in sign_sgd | sgd (G itself when ``basis`` is None)."""
+    if rule == "sgd":
+        weight.add_(grad, alpha=-lr)
+        if basis is not None:
+            add_project_back_(weight, low, basis, side, alpha=lr)
+        return
+    residual = grad.clone()
+    if basis is not None:
+        add_project_back_(residual, low, basis, side, alpha=-1.0)
+    weight.add_(residual.sign_(), alpha=-lr)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def validate_options(group: dict) -> None:
+    """Check the hyperparameters and options of a group (or of the defaults); raise naming the key."""
+    lr = float(group["lr"])
+    if not lr >= 0.0:
+        raise ValueError(f"lr must be >= 0; got {group['lr']}")
+    betas = group["betas"]
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"betas[{i}] must be in [0, 1); got {beta}")
+    for key in ("eps", "weight_decay", "scale", "state_free_lr_scale"):
+        if not group[key] >= 0.0:
+            raise ValueError(f"{key} must be >= 0; got {group[key]}")
+    gap = group["update_proj_gap"]
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+        raise ValueError(f"update_proj_gap must be an integer >= 1; got {gap!r}")
+    gamma = group["limiter_gamma"]
+    if gamma is not None and not gamma >= 1.0:
+        raise ValueError(f"limiter_gamma must be >= 1 (Fira uses 1.01) or None to turn the limiter off; got {gamma}")
+    if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
+        raise ValueError(f"seed must be an integer; got {group['seed']!r}")
+    _check_choice("adam_style", group["adam_style"], ADAM_STYLES)
+    _check_choice("proj_type", group["proj_type"], PROJ_TYPES)
+    _check_choice("proj_method", group["proj_method"], GROUP_METHODS)
+    _check_choice("refresh_moments", group["refresh_moments"], REFRESH_MOMENTS)
+    _check_choice("residual", group["residual"], RESIDUALS)
+    _check_choice("block_order", group["block_order"], BLOCK_ORDERS)
+    _check_choice("on_nonfinite", group["on_nonfinite"], ON_NONFINITE)
+
+
+def _validate_marker(group: dict) -> None:
+    rank, density = group.get("rank"), group.get("density")
+    blocks = group["proj_method"] == "blocks"
+    if rank is not None and density is not None:
+        raise ValueError("a param group takes 'rank' or 'density', not both")
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an integer >= 1; got {rank!r}")
+        if blocks:
+            raise ValueError(
+                "proj_method='blocks' chooses a fraction of whole tensors: give 'density' (e.g. 0.25), not 'rank'"
+            )
+    if density is not None:
+        low_ok = density >= 0.0 if blocks else density > 0.0
+        if not (low_ok and density <= 1.0):
+            interval = "[0, 1]" if blocks else "(0, 1]"
+            raise ValueError(f"density must be in {interval}; got {density}")
+    if blocks and group["residual"] == "fira":
+        raise ValueError("residual='fira' needs a subspace; with proj_method='blocks' use 'sign_sgd', 'sgd' or 'none'")
+
+
+def _check_misspelled(group: dict, known: set[str]) -> None:
+    for key in group:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+        if close:
+            raise ValueError(
+                f"unknown param-group key {key!r}: did you mean {close[0]!r}? "
+                "(other extra keys are kept, as torch.optim keeps them)"
+            )
+
+
+# --------------------------------------------------------------------------- the optimizer
+
+
+class SubspaceAdamW(Optimizer):
+    """Adam in a periodically refreshed low-rank subspace of each gradient matrix, plus a residual
+    rule; plain AdamW for groups without ``rank``. See the module docstring for the equations.
+
+    Args:
+        params: parameters or param groups. A group with ``rank`` (int) or ``density`` (fraction of
+            the projected side; FRUGAL's rule) is a subspace group and must hold 2-D tensors
+            (any shape with ``proj_method="blocks"``).
+        lr, betas, eps, weight_decay, correct_bias: as in torch.optim.AdamW / transformers.
+        **options: defaults for every group (each group may override them):
+            update_proj_gap (200), scale (0.25; Fira's ``alpha`` is accepted), proj_type
+            (std | reverse_std | left | right), proj_method (svd | random | coordinates | blocks),
+            refresh_moments (keep | reset), residual (none | fira | sign_sgd | sgd; FRUGAL's
+            ``state_free`` is accepted), state_free_lr_scale (1.0), limiter_gamma (1.01; None turns
+            Fira's limiter off), adam_style (hf | torch), block_order (random | ascending |
+            descending | mirror), seed (0; random bases are a function of it, the same on every
+            rank), on_nonfinite (skip | raise: what a NaN/Inf gradient at a refresh does).
+
+    The public classes are presets of this engine: they only change the defaults (``preset``).
+    """
+
+    preset: dict[str, Any] = {}
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        **options: Any,
+    ):
+        for key in options:
+            if key not in ENGINE_OPTIONS and key not in ALIASES:
+                close = difflib.get_close_matches(key, sorted(ENGINE_OPTIONS), n=1, cutoff=0.75)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known options: {', '.join(ENGINE_OPTIONS)}"
+                raise TypeError(f"{type(self).__name__} got an unknown option {key!r}{hint}")
+        options = _resolve_aliases(dict(options))
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "correct_bias": correct_bias,
+            **ENGINE_OPTIONS,
+            **self.preset,
+            **options,
+        }
+        validate_options(defaults)
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- groups
+
+    def add_param_group(self, param_group: dict) -> None:
+        group = _resolve_aliases(dict(param_group))
+        _check_misspelled(group, set(self.defaults) | set(MARKER_KEYS) | _FOREIGN_KEYS)
+        super().add_param_group(group)
+        group = self.param_groups[-1]
+        validate_options(group)
+        if is_projected(group):
+            _validate_marker(group)
+            self._validate_projected_params(group)
+
+    def _validate_projected_params(self, group: dict) -> None:
+        blocks = group["proj_method"] == "blocks"
+        clamped = []
+        for i, p in enumerate(group["params"]):
+            name = self._param_name(group, i)
+            if p.is_complex() or not p.is_floating_point():
+                raise TypeError(
+                    f"{name} has dtype {p.dtype}; a subspace group takes real floating-point tensors only: "
+                    "move it to a group without 'rank'/'density'"
+                )
+            if blocks:
+                continue
+            if p.dim() != 2:
+                raise ValueError(
+                    f"{name} has shape {tuple(p.shape)}, but a group with 'rank' projects 2-D weights only: "
+                    "move it to a group without 'rank' (lrtrain.optim.param_groups does this for you)"
+                )
+            if group.get("rank") is not None and group["rank"] > min(p.shape):
+                clamped.append(f"{name} {tuple(p.shape)}")
+        if clamped:
+            warnings.warn(
+                f"rank {group['rank']} exceeds min(m, n) of {len(clamped)} parameter(s) ({', '.join(clamped[:3])}"
+                f"{', ...' if len(clamped) > 3 else ''}); those use rank min(m, n).",
+                UserWarning,
+                stacklevel=3,
+            )
+        if blocks and group["block_order"] == "mirror" and _active_block_count(group) % 2:
+            raise ValueError(
+                "block_order='mirror' activates tensors in symmetric pairs: choose a density that makes "
+                f"round(density * {len(group['params'])}) even"
+            )
+
+    def _param_name(self, group: dict, index: int) -> str:
+        names = group.get("param_names")
+        if names is not None:
+            return repr(names[index])
+        group_index = next((k for k, g in enumerate(self.param_groups) if g is group), len(self.param_groups))
+        return f"parameter {index} of param group {group_index}"
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in ENGINE_OPTIONS.items():
+                group.setdefault(key, self.defaults.get(key, value))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's load, except that the subspace state keeps its saved dtype (torch casts
+        every floating state tensor to the parameter's dtype, which would turn a float32 basis
+        into bf16 and int64 indices into floats) and ``seed`` stays on the CPU."""
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        ids = iter(saved_ids)
+        for group in self.param_groups:
+            subspace = is_projected(group) and group["proj_method"] != "blocks"
+            keep = _KEEP_DTYPE | ({"exp_avg", "exp_avg_sq"} if subspace else set())
+            for p in group["params"]:
+                saved = saved_state.get(next(ids), {})
+                for key in keep & saved.keys():
+                    value = saved[key]
+                    self.state[p][key] = value.to(device="cpu" if key in _ON_CPU else p.device)
+
+    # ----------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        first_index = 0  # position of the group's first parameter in the optimizer: seeds use it
+        for group in self.param_groups:
+            if not is_projected(group):
+                self._dense_step(group)
+            elif group["proj_method"] == "blocks":
+                self._block_step(group, first_index)
+            else:
+                self._subspace_step(group, first_index)
+            first_index += len(group["params"])
+        return loss
+
+    def _grad(self, group: dict, index: int, p: Tensor) -> Tensor:
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError(
+                f"{self._param_name(group, index)} has a sparse gradient, which {type(self).__name__} does not "
+                "support: build the module with sparse=False, or give it torch.optim.SparseAdam"
+            )
+        return grad
+
+    def _dense_step(self, group: dict) -> None:
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            grad, state = self._grad(group, i, p), self.state[p]
+            if not state:
+                _init_dense_state(state, p)
+            adamw_(p, grad, state, group)
+
+    def _subspace_step(self, group: dict, first_index: int) -> None:
+        lr = float(group["lr"])
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            grad = self._grad(group, i, p).to(compute_dtype(p.dtype))
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+            side, rank = param_layout(tuple(p.shape), group)
+            if "basis" not in state or int(state["step"]) % group["update_proj_gap"] == 0:
+                if not self._refresh(group, i, first_index + i, p, grad, state, side, rank):
+                    continue
+            step = float(state["step"].add_(1.0))
+            low = project(grad, state["basis"], side)
+            # GaLore's rule never reads R again, so the denominator (and N) can take its memory.
+            reuse = low if group["residual"] == "none" else None
+            denom = adam_denominator_(state["exp_avg"], state["exp_avg_sq"], low, step, group, out=reuse)
+            direction = torch.div(state["exp_avg"], denom, out=denom)
+            weight = p if p.dtype == grad.dtype else p.to(grad.dtype)
+            self._write_update(group, weight, grad, low, direction, state, side, lr, adam_step_size(lr, step, group))
+            if weight is not p:
+                p.copy_(weight)
+
+    @staticmethod
+    def _write_update(group, weight, grad, low, direction, state, side, lr, step_size) -> None:
+        """W ← W - s·scale·back(N) - residual term, with decoupled decay before or after."""
+        basis, scale, rule = state["basis"], group["scale"], group["residual"]
+        decay = 1.0 - lr * group["weight_decay"]
+        decay_first = group["adam_style"] == "torch"
+        if decay != 1.0 and decay_first:
+            weight.mul_(decay)
+        if rule == "fira":
+            fira_update_(weight, grad, low, direction, basis, side, step_size, scale, state, group["limiter_gamma"])
+        else:
+            add_project_back_(weight, direction, basis, side, alpha=-step_size * scale)
+            if rule != "none":
+                state_free_lr = lr * scale * group["state_free_lr_scale"]
+                state_free_update_(weight, grad, low, basis, side, rule, state_free_lr)
+        if decay != 1.0 and not decay_first:
+            weight.mul_(decay)
+
+    def _refresh(self, group, index, seed_index, p, grad, state, side, rank) -> bool:
+        """A new basis from G; False (and nothing changed) when G is not finite."""
+        if not bool(torch.isfinite(grad).all()):
+            message = f"non-finite gradient (NaN/Inf) at a subspace refresh of {self._param_name(group, index)}"
+            if group["on_nonfinite"] == "raise":
+                raise FloatingPointError(message + "; pass on_nonfinite='skip' to skip such steps instead")
+            warnings.warn(
+                message + ": skipped this step for that matrix (weights, basis and moments unchanged)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return False
+        shape, method = tuple(p.shape), group["proj_method"]
+        if method == "svd":
+            basis = robust_svd_basis(grad, rank, side, state.get("basis"), self._param_name(group, index))
+        else:
+            seed = next_seed(int(state["seed"])) if "seed" in state else initial_seed(group["seed"], seed_index)
+            state["seed"] = torch.tensor(seed, dtype=torch.int64)
+            if method == "random":
+                basis = random_basis(seed, shape, rank, side, dtype=grad.dtype, device=grad.device)
+            else:
+                basis = coordinate_basis(seed, shape, rank, side, device=grad.device)
+        fresh = "basis" not in state
+        state["basis"] = basis
+        if fresh:
+            low_shape = low_rank_shape(shape, side, rank)
+            state["exp_avg"] = grad.new_zeros(low_shape)
+            state["exp_avg_sq"] = grad.new_zeros(low_shape)
+        elif group["refresh_moments"] == "reset":
+            state["exp_avg"].zero_()
+            state["exp_avg_sq"].zero_()
+            state["step"].zero_()
+        return True
+
+    # ----------------------------------------------------------------- FRUGAL blocks
+
+    def _block_step(self, group: dict, first_index: int) -> None:
+        first_state = self.state[group["params"][0]]
+        if "step" not in first_state or int(first_state["step"]) % group["update_proj_gap"] == 0:
+            self._select_blocks(group, first_index)
+        lr, scale = float(group["lr"]), group["scale"]
+        decay = 1.0 - lr * group["weight_decay"]
+        decay_first = group["adam_style"] == "torch"
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            grad, state = self._grad(group, i, p), self.state[p]
+            if bool(state["active"]):
+                adamw_(p, grad, state, group, lr_scale=scale)
+                continue
+            state["step"].add_(1.0)
+            if group["residual"] == "none" and decay == 1.0:
+                continue
+            weight = p if p.dtype == compute_dtype(p.dtype) else p.to(compute_dtype(p.dtype))
+            if decay != 1.0 and decay_first:
+                weight.mul_(decay)
+            if group["residual"] != "none":
+                state_free_lr = lr * scale * group["state_free_lr_scale"]
+                state_free_update_(weight, grad.to(weight.dtype), None, None, "right", group["residual"], state_free_lr)
+            if decay != 1.0 and not decay_first:
+                weight.mul_(decay)
+            if weight is not p:
+                p.copy_(weight)
+
+    def _select_blocks(self, group: dict, first_index: int) -> None:
+        """Deactivate every tensor of the group, then activate the next ``density`` fraction."""
+        params, count = group["params"], _active_block_count(group)
+        order, cursor, n = group["block_order"], group.get("block_cursor"), len(params)
+        if order == "random":
+            cursor = cursor or 0
+            generator = torch.Generator().manual_seed(initial_seed(initial_seed(group["seed"], first_index), cursor))
+            chosen = torch.randperm(n, generator=generator)[:count].tolist()
+            cursor += 1
+        elif order == "ascending":
+            start = cursor or 0
+            chosen = [(start + j) % n for j in range(count)]
+            cursor = (start + count) % n
+        elif order == "descending":
+            start = n - 1 if cursor is None else cursor
+            chosen = [(start - j) % n for j in range(count)]
+            cursor = (start - count) % n
+        else:  # mirror: pairs (i, n-1-i) walking in from both ends
+            half, start = n // 2, cursor or 0
+            chosen = [k for j in range(count // 2) for k in ((start + j) % half, n - 1 - (start + j) % half)]
+            cursor = (start + count // 2) % half
+        group["block_cursor"] = cursor
+        for p in params:
+            state = self.state[p]
+            state.clear()
+            state["step"] = torch.tensor(0.0)
+            state["active"] = torch.tensor(False)
+        for k in chosen:
+            state = self.state[params[k]]
+            _init_dense_state(state, params[k])
+            state["active"] = torch.tensor(True)
+
+
+def _init_dense_state(state: dict, p: Tensor) -> None:
+    state.setdefault("step", torch.tensor(0.0))
+    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _active_block_count(group: dict) -> int:
+    return round(len(group["params"]) * group["density"])
+
+
+def _resolve_aliases(group: dict) -> dict:
+    for alias, key in ALIASES.items():
+        if alias in group:
+            if key in group:
+                raise ValueError(f"give {key!r} or its alias {alias!r}, not both")
+            group[key] = group.pop(alias)
+    return group

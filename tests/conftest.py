@@ -1,0 +1,52 @@
+"""Test-wide settings: no network, no wandb uploads, small thread counts for 2-core CI."""
+
+import os
+
+# Set before anything imports huggingface_hub / datasets / wandb / triton.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.attn = nn.ModuleDict({"q_proj": nn.Linear(dim, dim, bias=False), "o_proj": nn.Linear(dim, dim, bias=False)})
+        self.mlp = nn.ModuleDict({"up_proj": nn.Linear(dim, hidden), "down_proj": nn.Linear(hidden, dim)})
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        h = self.norm(x)
+        x = x + self.attn["o_proj"](torch.tanh(self.attn["q_proj"](h)))
+        return x + self.mlp["down_proj"](torch.relu(self.mlp["up_proj"](self.norm(x))))
+
+
+class TinyLM(nn.Module):
+    """A small model whose module names follow LLaMA's (attn / mlp / lm_head), for groups and training tests."""
+
+    def __init__(self, vocab: int = 32, dim: int = 24, hidden: int = 40, layers: int = 2):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(TinyBlock(dim, hidden) for _ in range(layers))
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens):
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(x)
+
+
+@pytest.fixture
+def tiny_lm():
+    return TinyLM()

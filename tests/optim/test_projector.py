@@ -1,0 +1,127 @@
+"""The projector's pure functions against dense float64 math: sides, bases, down/up maps."""
+
+import pytest
+import torch
+
+from lrtrain.optim.projector import (
+    add_project_back_,
+    coordinate_basis,
+    initial_seed,
+    next_seed,
+    project,
+    project_back,
+    projection_side,
+    random_basis,
+    subspace_rank,
+    svd_basis,
+)
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize(
+    "shape,proj_type,side",
+    [((8, 5), "std", "right"), ((5, 8), "std", "left"), ((6, 6), "std", "right"),
+     ((8, 5), "reverse_std", "left"), ((5, 8), "reverse_std", "right"), ((6, 6), "reverse_std", "left"),
+     ((8, 5), "left", "left"), ((5, 8), "right", "right")],
+)
+def test_projection_side_follows_galore(shape, proj_type, side):
+    assert projection_side(shape, proj_type) == side
+
+
+def test_unknown_proj_type():
+    with pytest.raises(ValueError, match="proj_type"):
+        projection_side((4, 4), "full")
+
+
+def test_subspace_rank_clamps_and_density():
+    assert subspace_rank((10, 4), "right", 8, None) == 4
+    assert subspace_rank((10, 40), "left", 64, None) == 10
+    assert subspace_rank((100, 40), "right", None, 0.25) == 10  # round(density * n) on the right
+    assert subspace_rank((100, 40), "left", None, 0.25) == 25  # round(density * m) on the left
+    assert subspace_rank((100, 40), "left", None, 0.001) == 1
+
+
+def _orthonormal_error(basis, side):
+    gram = basis @ basis.T if side == "right" else basis.T @ basis
+    return (gram - torch.eye(gram.shape[0], dtype=gram.dtype)).abs().max().item()
+
+
+@pytest.mark.parametrize("shape,side", [((31, 17), "right"), ((17, 31), "left"), ((20, 20), "left")])
+def test_svd_basis_is_top_singular_subspace(shape, side):
+    g = torch.randn(shape, dtype=F64)
+    basis = svd_basis(g, 5, side)
+    assert basis.shape == ((5, shape[1]) if side == "right" else (shape[0], 5))
+    assert _orthonormal_error(basis, side) < 1e-12
+    # Captured energy equals the sum of the top-5 squared singular values.
+    s = torch.linalg.svdvals(g)
+    energy = project(g, basis, side).square().sum()
+    torch.testing.assert_close(energy, s[:5].square().sum())
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_random_basis_orthonormal_and_regenerable(side):
+    basis = random_basis(123, (40, 25), 7, side, dtype=F64, device="cpu")
+    assert _orthonormal_error(basis, side) < 1e-12
+    assert torch.equal(basis, random_basis(123, (40, 25), 7, side, dtype=F64, device="cpu"))
+    assert not torch.equal(basis, random_basis(124, (40, 25), 7, side, dtype=F64, device="cpu"))
+
+
+def test_random_basis_is_uniform_on_average():
+    """Haar-uniform subspaces capture r/d of any fixed vector's energy on average."""
+    d, r = 16, 4
+    x = torch.zeros(d, dtype=F64)
+    x[0] = 1.0
+    captured = torch.stack([(random_basis(s, (d, d), r, "left", dtype=F64, device="cpu").T @ x).square().sum()
+                            for s in range(400)])
+    assert abs(captured.mean().item() - r / d) < 0.03
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_coordinate_basis(side):
+    idx = coordinate_basis(7, (30, 20), 6, side, device="cpu")
+    dim = 20 if side == "right" else 30
+    assert idx.dtype == torch.int64 and idx.shape == (6,)
+    assert len(set(idx.tolist())) == 6 and idx.max() < dim and torch.equal(idx, idx.sort().values)
+    assert torch.equal(idx, coordinate_basis(7, (30, 20), 6, side, device="cpu"))
+
+
+def _dense(basis, shape, side):
+    if basis.is_floating_point():
+        return basis
+    dim = shape[1] if side == "right" else shape[0]
+    rows = torch.eye(dim, dtype=F64)[basis]
+    return rows if side == "right" else rows.T
+
+
+@pytest.mark.parametrize("method", ["svd", "random", "coordinates"])
+@pytest.mark.parametrize("shape,side", [((13, 9), "right"), ((9, 13), "left"), ((13, 9), "left"), ((9, 13), "right")])
+def test_down_and_up_match_dense_math(method, shape, side):
+    g = torch.randn(shape, dtype=F64)
+    r = 4
+    if method == "svd":
+        basis = svd_basis(g, r, side)
+    elif method == "random":
+        basis = random_basis(5, shape, r, side, dtype=F64, device="cpu")
+    else:
+        basis = coordinate_basis(5, shape, r, side, device="cpu")
+    q = _dense(basis, shape, side)
+    low = project(g, basis, side)
+    expected_low = g @ q.T if side == "right" else q.T @ g
+    torch.testing.assert_close(low, expected_low)
+    n = torch.randn_like(low)
+    expected_full = n @ q if side == "right" else q @ n
+    torch.testing.assert_close(project_back(n, basis, side, shape), expected_full)
+    w = torch.randn(shape, dtype=F64)
+    expected_w = w - 0.3 * expected_full
+    add_project_back_(w, n, basis, side, alpha=-0.3)
+    torch.testing.assert_close(w, expected_w)
+
+
+def test_seed_chain_is_deterministic_and_distinct():
+    seeds = [initial_seed(0, i) for i in range(50)]
+    assert len(set(seeds)) == 50
+    chain = [initial_seed(3, 1)]
+    for _ in range(50):
+        chain.append(next_seed(chain[-1]))
+    assert len(set(chain)) == 51 and all(0 <= s < 2**63 for s in chain)
