@@ -83,15 +83,16 @@ ENGINE_OPTIONS: dict[str, Any] = {
 MARKER_KEYS = ("rank", "density")
 #: Names from the reference packages, accepted and renamed.
 ALIASES = {"alpha": "scale", "state_free": "residual"}
-#: Keys other code puts in param groups; known, so never taken for misspellings.
-_FOREIGN_KEYS = {"params", "param_names", "initial_lr", "block_cursor"}
+#: Other keys that torch.optim, lr schedulers and the engine itself (block mode) put in groups;
+#: known, so never taken for misspellings.
+_OTHER_GROUP_KEYS = {"params", "param_names", "initial_lr", "block_cursor"}
 #: State entries that keep their saved dtype on load (torch casts floating state to the param dtype).
 _KEEP_DTYPE = {"basis", "seed", "limiter_norm", "active"}
 _ON_CPU = {"step", "seed"}
 
 
 def is_projected(group: dict) -> bool:
-    """A group is a subspace group when it has ``rank`` or ``density`` (galore-torch's rule)."""
+    """A group is a subspace group when it has ``rank`` (galore-torch's marker) or ``density``."""
     return any(group.get(key) is not None for key in MARKER_KEYS)
 
 
@@ -328,7 +329,7 @@ class SubspaceAdamW(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         group = _resolve_aliases(dict(param_group))
-        _check_misspelled(group, set(self.defaults) | set(MARKER_KEYS) | _FOREIGN_KEYS)
+        _check_misspelled(group, set(self.defaults) | set(MARKER_KEYS) | _OTHER_GROUP_KEYS)
         super().add_param_group(group)
         group = self.param_groups[-1]
         validate_options(group)
