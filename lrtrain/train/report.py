@@ -1,0 +1,154 @@
+"""Compare the runs of a sweep: a markdown table and loss-vs-step / loss-vs-memory plots.
+
+Reads what :class:`lrtrain.train.logger.RunLogger` writes (``run.json`` and ``metrics.jsonl`` in
+every run directory below a root); optionally logs the table and plots to wandb.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..memory import format_bytes
+from .logger import METRICS_FILE, RUN_FILE
+
+GIB = 2**30
+
+
+@dataclass
+class RunRecord:
+    directory: Path
+    label: str
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        points = [(m["step"], m[key]) for m in self.metrics if key in m]
+        return [s for s, _ in points], [v for _, v in points]
+
+
+def run_label(config: dict[str, Any]) -> str:
+    """The method a run stands for: the optimizer, with the parameterization when it is not dense."""
+    optimizer, param = config["optimizer"]["name"], config["param"]["kind"]
+    return optimizer if param == "dense" else f"{param} + {optimizer}"
+
+
+def load_runs(root: str | os.PathLike) -> list[RunRecord]:
+    """Every finished run below ``root`` (a run directory has ``run.json`` with a summary)."""
+    runs = []
+    for run_file in sorted(Path(root).rglob(RUN_FILE)):
+        record = json.loads(run_file.read_text())
+        if record.get("summary") is None:
+            continue
+        metrics_path = run_file.parent / METRICS_FILE
+        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+        runs.append(RunRecord(run_file.parent, run_label(record["config"]), record["config"], record["summary"],
+                              [json.loads(line) for line in lines if line]))
+    if not runs:
+        raise FileNotFoundError(f"no finished runs (run.json with a summary) below {root}")
+    return runs
+
+
+def markdown_table(runs: list[RunRecord]) -> str:
+    header = ("| method | val loss | val ppl | peak memory | optimizer state | weights | tokens/s | steps |\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for r in sorted(runs, key=lambda r: r.summary.get("val/loss", math.inf)):
+        s = r.summary
+        rows.append(
+            f"| {r.label} | {s.get('val/loss', math.nan):.3f} | {s.get('val/ppl', math.nan):.1f} | "
+            f"{_gib(s, 'memory/peak_gib')} | {_gib(s, 'memory/optimizer_state_gib')} | {_gib(s, 'memory/params_gib')} | "
+            f"{s.get('perf/tokens_per_s', math.nan):,.0f} | {s.get('step', 0)} |"
+        )
+    return "\n".join([header, *rows])
+
+
+def _gib(summary: dict[str, Any], key: str) -> str:
+    return format_bytes(round(summary[key] * GIB)) if key in summary else "-"
+
+
+def plot(runs: list[RunRecord], out_dir: Path) -> list[Path]:
+    """``loss_vs_step.png`` (train loss thin, validation loss with markers) and
+    ``loss_vs_memory.png`` (final validation loss against peak and optimizer-state memory)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = [out_dir / "loss_vs_step.png", out_dir / "loss_vs_memory.png"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, r in enumerate(runs):
+        color = f"C{i}"
+        steps, loss = r.series("train/loss")
+        ax.plot(steps, loss, color=color, alpha=0.35, linewidth=1)
+        steps, val = r.series("val/loss")
+        ax.plot(steps, val, color=color, marker="o", linewidth=2, label=r.label)
+    ax.set(xlabel="step", ylabel="loss (thin: train, markers: validation)", title="Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    for ax, key, title in zip(axes, ("memory/peak_gib", "memory/optimizer_state_gib"),
+                              ("peak tensor memory", "optimizer state")):
+        for i, r in enumerate(runs):
+            if key in r.summary and "val/loss" in r.summary:
+                x = r.summary[key] * 1024
+                ax.scatter(x, r.summary["val/loss"], color=f"C{i}", s=60, label=r.label)
+                ax.annotate(r.label, (x, r.summary["val/loss"]), textcoords="offset points", xytext=(6, 4))
+        ax.set(xlabel=f"{title} (MiB)", title=f"Final validation loss vs {title}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation loss")
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``report.md`` and the plots into ``out_dir`` (default: ``root``); returns the report."""
+    runs = load_runs(root)
+    out = Path(out_dir or root)
+    out.mkdir(parents=True, exist_ok=True)
+    images = plot(runs, out)
+    first = runs[0].config
+    lines = [
+        f"# Comparison: {Path(root).name}",
+        "",
+        f"{first['model']['size']} on {first['data']['source']}, {first['train']['steps']} steps of "
+        f"{first['train']['batch_size'] * first['train']['grad_accum']} x {first['train']['seq_len']} tokens, "
+        f"precision {first['train']['precision']}. Peak memory is measured per logged step (CUDA allocator, "
+        "or live CPU tensors); validation loss is the mean over the validation batches (divided by N).",
+        "",
+        markdown_table(runs),
+        "",
+        *(f"![{p.stem}]({p.name})" for p in images),
+        "",
+    ]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def log_to_wandb(root: str | os.PathLike, project: str = "lrtrain", mode: str = "offline") -> None:
+    """Log the comparison table and the plots of ``root`` as one wandb run (job_type report)."""
+    import wandb
+
+    runs = load_runs(root)
+    columns = ["method", "val/loss", "val/ppl", "memory/peak_gib", "memory/optimizer_state_gib",
+               "memory/params_gib", "perf/tokens_per_s"]
+    table = wandb.Table(columns=columns,
+                        data=[[r.label, *(r.summary.get(c, math.nan) for c in columns[1:])] for r in runs])
+    run = wandb.init(project=project, job_type="report", name=f"compare-{Path(root).name}", dir=str(root),
+                     mode=os.environ.get("WANDB_MODE") or mode)
+    run.log({"comparison": table,
+             "val_loss_vs_peak_memory": wandb.plot.scatter(table, "memory/peak_gib", "val/loss"),
+             **{p.stem: wandb.Image(str(p)) for p in Path(root).glob("loss_vs_*.png")}})
+    run.finish()

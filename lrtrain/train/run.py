@@ -1,0 +1,120 @@
+"""One pretraining run from a configuration (the hydra entry point ``scripts/pretrain.py`` calls
+:func:`run`): data, model, optimizer, schedule, logger and trainer, built in that order, so that
+a bad value fails before any training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import load_data
+from ..models import build_model
+from ..optim import FiraAdamW, FrugalAdamW, GaLoreAdamW, param_groups
+from .logger import RunLogger
+from .loop import Trainer, TrainSettings
+from .schedule import build_scheduler
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adamw": torch.optim.AdamW,
+    "galore": GaLoreAdamW,
+    "fira": FiraAdamW,
+    "frugal": FrugalAdamW,
+}
+CONSTRUCTOR_KEYS = ("lr", "betas", "eps", "weight_decay")
+#: A model config's recipe values for the subspace optimizers (their configs read them).
+RECIPE_KEYS = ("rank", "update_proj_gap")
+#: Settings that change how a run is watched, not what it computes: they may differ on resume.
+_NOT_FINGERPRINTED = {"eval_every", "eval_batches", "eval_batch_size", "log_every", "checkpoint_every",
+                      "keep_checkpoints", "resume", "track_memory", "progress"}
+
+
+def build_optimizer(spec: Mapping[str, Any], model: nn.Module) -> torch.optim.Optimizer:
+    """An optimizer from a config such as ``configs/optimizer/galore.yaml``: ``name``, the
+    constructor's ``lr``/``betas``/``eps``/``weight_decay``, and for the subspace optimizers
+    ``target_modules`` plus any param-group keys (``rank``, ``update_proj_gap``, ``scale``, ...),
+    passed to :func:`lrtrain.optim.param_groups`."""
+    spec = dict(spec)
+    name = spec.pop("name")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer.name must be one of {', '.join(OPTIMIZERS)}; got {name!r}")
+    kwargs = {key: spec.pop(key) for key in CONSTRUCTOR_KEYS if key in spec}
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    if OPTIMIZERS[name] is torch.optim.AdamW:
+        if spec:
+            raise ValueError(f"optimizer keys {sorted(spec)} do not apply to adamw")
+        return torch.optim.AdamW(model.parameters(), **kwargs)
+    target_modules = spec.pop("target_modules", ("attn", "mlp"))
+    return OPTIMIZERS[name](param_groups(model, target_modules=target_modules, **spec), **kwargs)
+
+
+def fingerprint(config: Mapping[str, Any]) -> str:
+    """A hash of what determines a run's numbers (everything but logging, cadence and resume)."""
+    relevant = {k: v for k, v in config.items() if k not in ("logger", "run_name", "sweep_name", "output_root")}
+    relevant["train"] = {k: v for k, v in config["train"].items() if k not in _NOT_FINGERPRINTED}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
+    return device
+
+
+def build_trainer(config: Mapping[str, Any], run_dir: str | os.PathLike) -> Trainer:
+    """Everything a run needs, from ``config`` (the resolved hydra config as plain containers),
+    resumed from ``run_dir``'s latest checkpoint when there is one (``train.resume=auto``)."""
+    settings = TrainSettings.from_mapping(dict(config["train"]))
+    torch.manual_seed(config["seed"])
+    device = select_device(config["device"])
+    data_cfg = dict(config["data"])
+    data = load_data(
+        data_cfg.pop("source"), seq_len=settings.seq_len, seed=config["seed"], cache_dir=data_cfg.pop("cache_dir"),
+        **data_cfg,
+    )
+    model_cfg = dict(config["model"])
+    for key in RECIPE_KEYS:
+        model_cfg.pop(key, None)
+    model = build_model(
+        model_cfg.pop("size"), vocab_size=data.vocab_size,
+        max_position_embeddings=max(settings.seq_len, model_cfg.pop("max_position_embeddings", 0) or 0),
+        **model_cfg,
+    )
+    if config["param"]["kind"] != "dense":
+        raise ValueError(f"param.kind={config['param']['kind']!r} is not available yet; use param=dense")
+    dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
+    model.to(device=device, dtype=dtype)
+    optimizer = build_optimizer(config["optimizer"], model)
+    scheduler = build_scheduler(optimizer, total_steps=settings.steps, warmup_steps=settings.warmup_steps,
+                                min_lr_ratio=settings.min_lr_ratio, cycle_length=settings.cycle_length)
+    logger_cfg = dict(config["logger"])
+    wandb = None if logger_cfg.pop("kind") == "none" else logger_cfg
+    logger = RunLogger(run_dir, config["run_name"], dict(config), wandb=wandb)
+    trainer = Trainer(model, optimizer, scheduler, data, settings, run_dir, logger, device=device,
+                      fingerprint=fingerprint(config))
+    start = trainer.resume_if_possible()
+    if start:
+        print(f"resuming {config['run_name']} from step {start} ({trainer.checkpoint_dir})")
+    return trainer
+
+
+def run(config: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Train the run described by ``config`` in ``run_dir``; returns its summary (final metrics).
+    A run that has finished already is not trained again: its summary is returned."""
+    trainer = build_trainer(config, run_dir)
+    if trainer.step >= trainer.settings.steps and (done := RunLogger.finished_summary(run_dir)) is not None:
+        print(f"{config['run_name']} finished already ({run_dir}); train.resume=never starts it over")
+        return done
+    summary = trainer.fit()
+    summary["run_name"] = config["run_name"]
+    trainer.logger.finish(summary)
+    return summary

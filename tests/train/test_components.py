@@ -1,0 +1,123 @@
+"""Schedule, atomic checkpoints, the CPU memory tracker and the run logger."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from lrtrain.memory import PeakMemory, TensorMemoryTracker, module_bytes
+from lrtrain.train import RunLogger, build_scheduler, latest_checkpoint, load_checkpoint, save_checkpoint, warmup_cosine
+from lrtrain.train.checkpoint import checkpoints
+
+
+def test_warmup_cosine_shape():
+    kw = {"warmup_steps": 10, "cycle_length": 110, "min_lr_ratio": 0.1}
+    assert warmup_cosine(0, **kw) == 0.0
+    assert warmup_cosine(5, **kw) == pytest.approx(0.5)
+    assert warmup_cosine(10, **kw) == pytest.approx(1.0)
+    assert warmup_cosine(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert warmup_cosine(109, **kw) == pytest.approx(0.1, abs=1e-3)
+    decay = [warmup_cosine(s, **kw) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    # a new cycle restarts the warmup, with the references' 1e-7 for its first two steps
+    assert warmup_cosine(110, **kw) == 1e-7 and warmup_cosine(111, **kw) == 1e-7
+    assert warmup_cosine(115, **kw) == pytest.approx(0.5)
+
+
+def test_scheduler_drives_the_optimizer_lr():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=0.5)
+    sched = build_scheduler(opt, total_steps=20, warmup_steps=4)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[4] == pytest.approx(0.5)
+    assert lrs[-1] == pytest.approx(0.5 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 16))))  # p = (19-4)/16
+    with pytest.raises(ValueError, match="warmup_steps"):
+        build_scheduler(opt, total_steps=10, warmup_steps=10)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        build_scheduler(opt, total_steps=10, warmup_steps=1, min_lr_ratio=0.0)
+
+
+def test_checkpoints_roundtrip_and_keep(tmp_path):
+    for step in (3, 10, 7):
+        save_checkpoint(tmp_path, step, {"step": step, "w": torch.full((3,), float(step)), "meta": {"a": [1, 2]}},
+                        keep=2)
+    assert [p.name for p in checkpoints(tmp_path)] == ["step-00000007.pt", "step-00000010.pt"]
+    state = load_checkpoint(latest_checkpoint(tmp_path))
+    assert state["step"] == 10 and torch.equal(state["w"], torch.full((3,), 10.0)) and state["meta"] == {"a": [1, 2]}
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(4)})
+
+    def crash(obj, handle, *args, **kwargs):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 2, {"w": torch.zeros(4)})
+    assert latest_checkpoint(tmp_path).name == "step-00000001.pt"  # the half-written file is never a checkpoint
+    assert torch.equal(load_checkpoint(latest_checkpoint(tmp_path))["w"], torch.ones(4))
+
+
+def test_tracker_counts_live_storages_exactly():
+    tracker = TensorMemoryTracker()
+    with tracker:
+        a = torch.empty(1000)  # 4000 B
+        b = a * 2  # 4000 B more
+        view = b[:10]  # a view: nothing new
+        b.add_(1)  # in place: nothing new
+        assert tracker.current == 8000
+        del a
+        assert tracker.current == 4000
+        c = torch.empty(500, dtype=torch.float64)  # 4000 B
+    assert tracker.peak == 8000 and tracker.current == 8000
+    del b
+    assert tracker.current == 8000  # the view keeps b's storage alive
+    del view, c
+    assert tracker.current == 0
+
+
+def test_tracker_sees_activations_saved_for_backward():
+    lin = torch.nn.Linear(256, 512)
+    x = torch.randn(64, 256)
+    peak = PeakMemory("cpu", [*lin.parameters(), x])
+    with peak:
+        y = torch.tanh(lin(x))  # tanh keeps its (64, 512) output for backward; the linear output is freed after
+        loss = y.sum()
+        del y
+        loss.backward()
+    sizes = module_bytes(lin)
+    assert sizes == {"params": (256 * 512 + 512) * 4, "grads": (256 * 512 + 512) * 4}
+    # weights + input + the saved activation + grads: at least that much was live at the peak
+    floor = sizes["params"] + 64 * 256 * 4 + 64 * 512 * 4 + sizes["grads"]
+    assert floor <= peak.bytes <= floor + 3 * 64 * 512 * 4
+
+
+def test_run_logger_jsonl_and_rewind(tmp_path):
+    logger = RunLogger(tmp_path, "run-a", {"x": 1})
+    for step in (1, 2, 3, 4):
+        logger.log(step, {"train/loss": 1.0 / step})
+    logger.finish({"step": 4})
+    resumed = RunLogger(tmp_path, "run-a", {"x": 1})
+    resumed.rewind(2)
+    resumed.log(3, {"train/loss": 0.5})
+    resumed.finish({"step": 3, "val/loss": 0.4})
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3] and lines[-1]["train/loss"] == 0.5
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["name"] == "run-a" and run["summary"]["val/loss"] == 0.4
+    assert RunLogger.finished_summary(tmp_path) == {"step": 3, "val/loss": 0.4}
+    assert RunLogger.finished_summary(tmp_path / "elsewhere") is None
+
+
+def test_disabled_logger_writes_nothing(tmp_path):
+    logger = RunLogger(tmp_path / "rank1", "r", {}, enabled=False)
+    logger.log(1, {"a": 1.0})
+    logger.finish({})
+    assert not (tmp_path / "rank1").exists()

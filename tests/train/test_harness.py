@@ -1,0 +1,197 @@
+"""The pretraining harness end to end: hydra configs, the loop on the embedded corpus, exact
+resume, memory metrics against the analytic count, a real sweep and its report."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf, open_dict
+
+from lrtrain.models import LLAMA_SIZES
+from lrtrain.optim.projector import projection_side
+from lrtrain.train.checkpoint import checkpoints
+from lrtrain.train.run import build_trainer, run
+
+ROOT = Path(__file__).resolve().parents[2]
+OPTIMIZERS = ["adamw", "galore", "fira", "frugal"]
+TINY = ["logger=none", "train.steps=8", "train.seq_len=32", "train.batch_size=4", "train.warmup_steps=1",
+        "train.eval_every=4", "train.eval_batches=2", "train.log_every=1", "train.progress=false"]
+
+
+def config(*overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose("train", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.sweep_name = None
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("model", sorted(LLAMA_SIZES))
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_every_model_and_optimizer_composes(model, optimizer, cache_dir):
+    cfg = config(f"model={model}", f"optimizer={optimizer}")
+    assert cfg["model"]["size"] == model and cfg["optimizer"]["name"] == optimizer
+    assert cfg["run_name"] == f"{model}-{optimizer}-dense"
+    if optimizer in ("galore", "fira"):
+        assert cfg["optimizer"]["rank"] == {"llama_tiny": 32, "llama_20m": 64, "llama_60m": 128, "llama_130m": 256,
+                                            "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}[model]
+
+
+@pytest.mark.parametrize("name", ["galore_60m", "galore_130m", "fira_60m", "fira_130m", "cpu_compare"])
+def test_experiments_compose(name, cache_dir):
+    cfg = config(f"experiment={name}")
+    if name == "cpu_compare":
+        assert cfg["model"]["size"] == "llama_tiny" and cfg["data"]["source"] == "shakespeare"
+        return
+    size = name.split("_")[1]
+    assert cfg["model"]["size"] == f"llama_{size}" and cfg["data"]["source"] == "c4"
+    assert cfg["optimizer"]["name"] == name.split("_")[0] and cfg["optimizer"]["lr"] == 0.01
+    assert cfg["train"]["precision"] == "bf16" and cfg["train"]["seq_len"] == 256
+    assert cfg["train"]["batch_size"] * cfg["train"]["grad_accum"] == 512
+    assert cfg["train"]["steps"] == {"60m": 10_000, "130m": 20_000}[size]
+
+
+def test_unknown_keys_are_refused(cache_dir, tmp_path):
+    with pytest.raises(ConfigCompositionException, match="rnk"):
+        config("optimizer=galore", "optimizer.rnk=3")
+    # appended with +, it reaches the optimizer, which names the key it resembles, before training
+    with pytest.raises(ValueError, match="did you mean 'rank'"):
+        build_trainer(config("optimizer=galore", "+optimizer.rnk=3", *TINY), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [("train.precision=fp16", "train.precision must be one of"), ("optimizer=galore", None),
+     ("train.warmup_steps=8", "warmup_steps"), ("model.size=llama_3m", "unknown LLaMA size"),
+     ("optimizer.name=sgd", "optimizer.name must be one of"), ("param.kind=sltrain", "param.kind"),
+     ("device=cuda", "CUDA is not available"), ("train.batch_size=0", "train.batch_size")],
+)
+def test_bad_values_fail_before_training(override, match, cache_dir, tmp_path):
+    overrides = [*TINY, override]
+    if match is None:  # rank 0 for a subspace optimizer: the optimizer refuses it
+        overrides, match = [*TINY, "optimizer=galore", "optimizer.rank=0"], "rank must be an integer >= 1"
+    if override == "device=cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present here")
+    with pytest.raises(ValueError, match=match):
+        build_trainer(config(*overrides), tmp_path)
+    assert not checkpoints(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_loss_falls_on_the_corpus(optimizer, cache_dir, tmp_path):
+    summary = run(config(f"optimizer={optimizer}", *TINY, "train.steps=40", "train.seq_len=64", "train.batch_size=8",
+                         "train.warmup_steps=4", "train.eval_every=0", "model.update_proj_gap=10"), tmp_path)
+    losses = [m["train/loss"] for m in _metrics(tmp_path)]
+    assert losses[0] == pytest.approx(math.log(4096), abs=0.3)  # random init: uniform over the vocabulary
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.5, losses
+    assert summary["val/loss"] < losses[0] - 1.5 and summary["val/ppl"] == pytest.approx(math.exp(summary["val/loss"]))
+    assert (tmp_path / "run.json").exists() and checkpoints(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("optimizer", ["galore", "frugal"])
+def test_resume_equals_the_uninterrupted_run(optimizer, cache_dir, tmp_path):
+    cfg = config(f"optimizer={optimizer}", *TINY, "train.steps=10", "train.checkpoint_every=4",
+                 "model.update_proj_gap=3")
+    whole = build_trainer(cfg, tmp_path / "whole")
+    whole.fit()
+    whole.logger.finish({})
+    interrupted = build_trainer(cfg, tmp_path / "cut")
+    interrupted.fit(until_step=6)  # dies after step 6; its last checkpoint is step 4
+    interrupted.logger.finish({})
+    resumed = build_trainer(cfg, tmp_path / "cut")
+    assert resumed.step == 4
+    resumed.fit()
+    resumed.logger.finish({})
+    keys = ("train/loss", "train/grad_norm", "lr")
+    a, b = _metrics(tmp_path / "whole"), _metrics(tmp_path / "cut")
+    assert [m["step"] for m in b] == list(range(1, 11))
+    assert [[m[k] for k in keys] for m in a] == [[m[k] for k in keys] for m in b]
+    assert [m.get("val/loss") for m in a] == [m.get("val/loss") for m in b]
+    for p, q in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_finished_run_is_not_trained_again(cache_dir, tmp_path, capsys):
+    first = run(config(*TINY, "train.steps=3"), tmp_path)
+    lines = (tmp_path / "metrics.jsonl").read_text()
+    again = run(config(*TINY, "train.steps=3"), tmp_path)
+    assert again == json.loads(json.dumps(first)) and "finished already" in capsys.readouterr().out
+    assert (tmp_path / "metrics.jsonl").read_text() == lines
+
+
+def test_resume_with_another_config_is_refused(cache_dir, tmp_path):
+    run(config(*TINY, "train.steps=3"), tmp_path)
+    with pytest.raises(ValueError, match="another configuration"):
+        build_trainer(config(*TINY, "train.steps=3", "optimizer.lr=0.5"), tmp_path)
+    build_trainer(config(*TINY, "train.steps=3", "train.log_every=2"), tmp_path)  # cadence may change
+
+
+def test_memory_metrics_match_the_analytic_count(cache_dir, tmp_path):
+    rank = 8
+    trainer = build_trainer(config("optimizer=galore", f"optimizer.rank={rank}", *TINY, "train.steps=2"), tmp_path)
+    trainer.fit()
+    last = _metrics(tmp_path)[-1]
+    params = list(trainer.model.parameters())
+    n_params = sum(p.numel() for p in params)
+    assert last["memory/params_gib"] * 2**30 == n_params * 4
+    assert last["memory/grads_gib"] * 2**30 == n_params * 4
+    expected_state = 0
+    for name, p in trainer.model.named_parameters():
+        if p.dim() == 2 and ("attn" in name or "mlp" in name):
+            m, n = p.shape
+            side = projection_side((m, n), "std")
+            expected_state += 4 * (2 * rank * (m if side == "right" else n) + rank * (n if side == "right" else m))
+        else:
+            expected_state += 4 * 2 * p.numel()  # AdamW moments
+        expected_state += 4  # step
+    assert last["memory/optimizer_state_gib"] * 2**30 == expected_state
+    # the measured peak holds at least weights, gradients and state, and the logits of a batch
+    floor = 2 * n_params * 4 + expected_state + 4 * 32 * trainer.data.vocab_size * 4
+    assert floor < last["memory/peak_gib"] * 2**30 < floor + 64 * 2**20
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16"])
+def test_mixed_and_pure_bf16(precision, cache_dir, tmp_path):
+    trainer = build_trainer(config("optimizer=fira", *TINY, "train.steps=3", f"train.precision={precision}"), tmp_path)
+    trainer.fit()
+    expected = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert all(p.dtype == expected for p in trainer.model.parameters())
+    assert all(math.isfinite(m["train/loss"]) for m in _metrics(tmp_path))
+
+
+def test_transformers_model_source(cache_dir, tmp_path):
+    pytest.importorskip("transformers")
+    trainer = build_trainer(config("optimizer=galore", "model.source=transformers", *TINY, "train.steps=3"), tmp_path)
+    assert type(trainer.model).__module__.startswith("transformers")
+    trainer.fit()
+    assert len(trainer.optimizer.param_groups[1]["params"]) == 7 * LLAMA_SIZES["llama_tiny"]["num_hidden_layers"]
+
+
+def test_sweep_then_report(cache_dir, tmp_path):
+    """A real multirun through the hydra entry point, then the comparison report."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "LRTRAIN_CACHE_DIR": str(cache_dir)}
+    overrides = [o for o in TINY if o != "logger=none"]  # the wandb logger, disabled by WANDB_MODE
+    subprocess.run([sys.executable, "scripts/pretrain.py", "-m", "optimizer=adamw,galore", *overrides,
+                    f"output_root={tmp_path}", "sweep_name=test-sweep"], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    sweep = tmp_path / "sweeps" / "test-sweep"
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")) == \
+        ["llama_tiny-adamw-dense", "llama_tiny-galore-dense"]
+    out = subprocess.run([sys.executable, "scripts/compare.py", str(sweep)], cwd=ROOT, env=env, check=True,
+                         capture_output=True, text=True).stdout
+    assert "| adamw |" in out and "| galore |" in out
+    report = (sweep / "report.md").read_text()
+    assert report.count("\n| ") == 3  # header + 2 runs
+    for image in ("loss_vs_step.png", "loss_vs_memory.png"):
+        assert (sweep / image).stat().st_size > 10_000
