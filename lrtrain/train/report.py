@@ -104,6 +104,7 @@ def plot(runs: list[RunRecord], out_dir: Path) -> list[Path]:
                 ax.scatter(x, r.summary["val/loss"], color=f"C{i}", s=60, label=r.label)
                 ax.annotate(r.label, (x, r.summary["val/loss"]), textcoords="offset points", xytext=(6, 4))
         ax.set(xlabel=f"{title} (MiB)", title=f"Final validation loss vs {title}")
+        ax.margins(x=0.25, y=0.1)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation loss")
     fig.tight_layout()
