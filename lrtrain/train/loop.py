@@ -16,6 +16,7 @@ from torch import nn
 
 from ..memory import PeakMemory, module_bytes, state_bytes
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import mean_across_ranks
 from .logger import RunLogger
 
 GIB = 2**30
@@ -85,7 +86,8 @@ class Trainer:
 
     Checkpoints go to ``run_dir/checkpoints``; metrics to ``logger``. ``fingerprint`` identifies
     the configuration: resuming from a checkpoint written under another one is refused.
-    ``rank``/``world_size`` select this process's rows of every global batch.
+    ``rank``/``world_size`` select this process's rows of every global batch; ``model`` may be
+    wrapped in DDP (its ``module`` is what gets checkpointed); metrics are averaged over ranks.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data, settings: TrainSettings,
@@ -95,6 +97,7 @@ class Trainer:
         self.settings, self.logger, self.device = settings, logger, device
         self.run_dir, self.fingerprint = Path(run_dir), fingerprint
         self.rank, self.world_size = rank, world_size
+        self.module = getattr(model, "module", model)  # the model inside a DDP wrapper
         self.step = 0
         self.checkpoint_dir = self.run_dir / "checkpoints"
 
@@ -103,7 +106,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "model": self.model.state_dict(),
+            "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "data": self.data.train.state_dict(),
@@ -117,7 +120,7 @@ class Trainer:
                 f"the checkpoint in {self.checkpoint_dir} was written by a run with another configuration; "
                 "give this run another run_name, or set train.resume=never to start it over"
             )
-        self.model.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.data.train.load_state_dict(state["data"])
@@ -151,20 +154,23 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
         s = self.settings
         batches = [self.data.train.next_batch(s.batch_size * self.world_size) for _ in range(s.grad_accum)]
-        existing = [*self.model.parameters(), *self.model.buffers(), *batches,
+        existing = [*self.module.parameters(), *self.module.buffers(), *batches,
                     *(v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v))]
         peak = PeakMemory(self.device, existing) if measure_memory else contextlib.nullcontext()
         start = time.perf_counter()
         total_loss = 0.0
         with peak:
-            for batch in batches:
-                with self._autocast():
-                    loss = causal_lm_loss(self.model, self._local_rows(batch)) / s.grad_accum
-                loss.backward()
+            for i, batch in enumerate(batches):
+                # DDP averages gradients on the last micro-batch only
+                sync = self.world_size == 1 or i == len(batches) - 1
+                with contextlib.nullcontext() if sync else self.model.no_sync():
+                    with self._autocast():
+                        loss = causal_lm_loss(self.model, self._local_rows(batch)) / s.grad_accum
+                    loss.backward()
                 total_loss += loss.item()
             max_norm = s.grad_clip if s.grad_clip > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-            sizes = module_bytes(self.model)
+            sizes = module_bytes(self.module)
             lr = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
             self.scheduler.step()
@@ -173,7 +179,7 @@ class Trainer:
         self.step += 1
         tokens = s.batch_size * s.seq_len * s.grad_accum * self.world_size
         metrics = {
-            "train/loss": total_loss,
+            "train/loss": mean_across_ranks(total_loss, self.world_size, self.device),
             "train/grad_norm": float(grad_norm),
             "lr": float(lr),
             "perf/tokens_per_s": tokens / elapsed,
@@ -199,7 +205,7 @@ class Trainer:
             with self._autocast():
                 losses.append(causal_lm_loss(self.model, self._local_rows(batch)).item())
         self.model.train()
-        loss = sum(losses) / len(losses)
+        loss = mean_across_ranks(sum(losses) / len(losses), self.world_size, self.device)
         return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
 
     def fit(self, until_step: int | None = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from torch import nn
 from ..data import load_data
 from ..models import build_model
 from ..optim import FiraAdamW, FrugalAdamW, GaLoreAdamW, param_groups
+from .distributed import init_distributed, wrap_ddp
 from .logger import RunLogger
 from .loop import Trainer, TrainSettings
 from .schedule import build_scheduler
@@ -75,7 +76,7 @@ def build_trainer(config: Mapping[str, Any], run_dir: str | os.PathLike) -> Trai
     resumed from ``run_dir``'s latest checkpoint when there is one (``train.resume=auto``)."""
     settings = TrainSettings.from_mapping(dict(config["train"]))
     torch.manual_seed(config["seed"])
-    device = select_device(config["device"])
+    rank, world_size, device = init_distributed(select_device(config["device"]))
     data_cfg = dict(config["data"])
     data = load_data(
         data_cfg.pop("source"), seq_len=settings.seq_len, seed=config["seed"], cache_dir=data_cfg.pop("cache_dir"),
@@ -94,15 +95,16 @@ def build_trainer(config: Mapping[str, Any], run_dir: str | os.PathLike) -> Trai
     dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
     model.to(device=device, dtype=dtype)
     optimizer = build_optimizer(config["optimizer"], model)
+    model = wrap_ddp(model, device, world_size)
     scheduler = build_scheduler(optimizer, total_steps=settings.steps, warmup_steps=settings.warmup_steps,
                                 min_lr_ratio=settings.min_lr_ratio, cycle_length=settings.cycle_length)
     logger_cfg = dict(config["logger"])
     wandb = None if logger_cfg.pop("kind") == "none" else logger_cfg
-    logger = RunLogger(run_dir, config["run_name"], dict(config), wandb=wandb)
+    logger = RunLogger(run_dir, config["run_name"], dict(config), wandb=wandb, enabled=rank == 0)
     trainer = Trainer(model, optimizer, scheduler, data, settings, run_dir, logger, device=device,
-                      fingerprint=fingerprint(config))
+                      fingerprint=fingerprint(config), rank=rank, world_size=world_size)
     start = trainer.resume_if_possible()
-    if start:
+    if start and rank == 0:
         print(f"resuming {config['run_name']} from step {start} ({trainer.checkpoint_dir})")
     return trainer
 
@@ -112,7 +114,8 @@ def run(config: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]
     A run that has finished already is not trained again: its summary is returned."""
     trainer = build_trainer(config, run_dir)
     if trainer.step >= trainer.settings.steps and (done := RunLogger.finished_summary(run_dir)) is not None:
-        print(f"{config['run_name']} finished already ({run_dir}); train.resume=never starts it over")
+        if trainer.rank == 0:
+            print(f"{config['run_name']} finished already ({run_dir}); train.resume=never starts it over")
         return done
     summary = trainer.fit()
     summary["run_name"] = config["run_name"]
