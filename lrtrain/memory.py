@@ -55,10 +55,12 @@ def format_bytes(num: int) -> str:
 
 
 def module_bytes(module: torch.nn.Module) -> dict[str, int]:
-    """Bytes of a module's parameters and of their gradients (those that exist now)."""
+    """Bytes of a module's parameters, buffers (e.g. SST's frozen singular vectors) and gradients
+    (those that exist now)."""
     params = {id(p): p for p in module.parameters()}.values()
     return {
         "params": sum(tensor_bytes(p) for p in params),
+        "buffers": sum(tensor_bytes(b) for b in module.buffers()),
         "grads": sum(tensor_bytes(p.grad) for p in params if p.grad is not None),
     }
 

@@ -3,7 +3,7 @@
 from .fira import FiraAdamW
 from .frugal import FrugalAdamW
 from .galore import GaLoreAdamW
-from .groups import describe, param_groups, select_linear_modules
+from .groups import describe, param_groups
 from .subspace import SubspaceAdamW
 
 __all__ = [
@@ -13,5 +13,4 @@ __all__ = [
     "SubspaceAdamW",
     "describe",
     "param_groups",
-    "select_linear_modules",
 ]

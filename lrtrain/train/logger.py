@@ -1,8 +1,8 @@
 """Where metrics go: a JSONL file per run (always) and wandb (offline by default), from rank 0.
 
 Metric names: ``train/loss``, ``train/grad_norm``, ``val/loss``, ``val/ppl``, ``perf/tokens_per_s``,
-``memory/peak_gib``, ``memory/optimizer_state_gib``, ``memory/params_gib``, ``memory/grads_gib``,
-``lr``. Each JSONL line is ``{"step": N, <metric>: value, ...}``; ``run.json`` beside it holds
+``memory/peak_gib``, ``memory/optimizer_state_gib``, ``memory/params_gib``, ``memory/buffers_gib``,
+``memory/grads_gib``, ``lr``. Each JSONL line is ``{"step": N, <metric>: value, ...}``; ``run.json`` beside it holds
 the run's name, configuration and final summary, which ``scripts/compare.py`` reads.
 """
 

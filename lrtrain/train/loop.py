@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -88,15 +89,17 @@ class Trainer:
     the configuration: resuming from a checkpoint written under another one is refused.
     ``rank``/``world_size`` select this process's rows of every global batch; ``model`` may be
     wrapped in DDP (its ``module`` is what gets checkpointed); metrics are averaged over ranks.
+    ``after_step`` callables run after every optimizer step (e.g. :class:`lrtrain.param.SSTController`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data, settings: TrainSettings,
                  run_dir: str | Path, logger: RunLogger, *, device: torch.device, fingerprint: str = "",
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, after_step: Sequence[Callable[[], None]] = ()):
         self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
         self.settings, self.logger, self.device = settings, logger, device
         self.run_dir, self.fingerprint = Path(run_dir), fingerprint
         self.rank, self.world_size = rank, world_size
+        self.after_step = list(after_step)
         self.module = getattr(model, "module", model)  # the model inside a DDP wrapper
         self.step = 0
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -173,6 +176,8 @@ class Trainer:
             sizes = module_bytes(self.module)
             lr = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
+            for hook in self.after_step:
+                hook()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
@@ -184,6 +189,7 @@ class Trainer:
             "lr": float(lr),
             "perf/tokens_per_s": tokens / elapsed,
             "memory/params_gib": sizes["params"] / GIB,
+            "memory/buffers_gib": sizes["buffers"] / GIB,
             "memory/grads_gib": sizes["grads"] / GIB,
             "memory/optimizer_state_gib": state_bytes(self.optimizer)["total"] / GIB,
         }

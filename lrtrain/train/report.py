@@ -62,7 +62,7 @@ def markdown_table(runs: list[RunRecord]) -> str:
         s = r.summary
         rows.append(
             f"| {r.label} | {s.get('val/loss', math.nan):.3f} | {s.get('val/ppl', math.nan):.1f} | "
-            f"{_gib(s, 'memory/peak_gib')} | {_gib(s, 'memory/optimizer_state_gib')} | {_gib(s, 'memory/params_gib')} | "
+            f"{_gib(s, 'memory/peak_gib')} | {_gib(s, 'memory/optimizer_state_gib')} | {_weights(s)} | "
             f"{s.get('perf/tokens_per_s', math.nan):,.0f} | {s.get('step', 0)} |"
         )
     return "\n".join([header, *rows])
@@ -70,6 +70,13 @@ def markdown_table(runs: list[RunRecord]) -> str:
 
 def _gib(summary: dict[str, Any], key: str) -> str:
     return format_bytes(round(summary[key] * GIB)) if key in summary else "-"
+
+
+def _weights(summary: dict[str, Any]) -> str:
+    """Parameters and buffers (SST keeps its frozen singular vectors in buffers)."""
+    if "memory/params_gib" not in summary:
+        return "-"
+    return format_bytes(round((summary["memory/params_gib"] + summary.get("memory/buffers_gib", 0.0)) * GIB))
 
 
 def plot(runs: list[RunRecord], out_dir: Path) -> list[Path]:

@@ -16,6 +16,7 @@ from torch import nn
 from ..data import load_data
 from ..models import build_model
 from ..optim import FiraAdamW, FrugalAdamW, GaLoreAdamW, param_groups
+from ..param import SSTController, conversion_summary, convert
 from .distributed import init_distributed, wrap_ddp
 from .logger import RunLogger
 from .loop import Trainer, TrainSettings
@@ -28,8 +29,8 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "frugal": FrugalAdamW,
 }
 CONSTRUCTOR_KEYS = ("lr", "betas", "eps", "weight_decay")
-#: A model config's recipe values for the subspace optimizers (their configs read them).
-RECIPE_KEYS = ("rank", "update_proj_gap")
+#: Keys of the sst parameterization config that drive its controller rather than its layers.
+SST_CONTROLLER_KEYS = ("sample_every", "iterations_per_round")
 #: Settings that change how a run is watched, not what it computes: they may differ on resume.
 _NOT_FINGERPRINTED = {"eval_every", "eval_batches", "eval_batch_size", "log_every", "checkpoint_every",
                       "keep_checkpoints", "resume", "track_memory", "progress"}
@@ -83,18 +84,23 @@ def build_trainer(config: Mapping[str, Any], run_dir: str | os.PathLike) -> Trai
         **data_cfg,
     )
     model_cfg = dict(config["model"])
-    for key in RECIPE_KEYS:
-        model_cfg.pop(key, None)
+    model_cfg.pop("recipe", None)  # the references' values for this size, read by other configs
     model = build_model(
         model_cfg.pop("size"), vocab_size=data.vocab_size,
         max_position_embeddings=max(settings.seq_len, model_cfg.pop("max_position_embeddings", 0) or 0),
         **model_cfg,
     )
-    if config["param"]["kind"] != "dense":
-        raise ValueError(f"param.kind={config['param']['kind']!r} is not available yet; use param=dense")
+    param_cfg = dict(config["param"])
+    kind = param_cfg.pop("kind")
+    controller_options = {key: param_cfg.pop(key) for key in SST_CONTROLLER_KEYS if key in param_cfg}
+    if kind != "dense":
+        convert(model, kind, seed=config["seed"], **param_cfg)
+        if rank == 0:
+            print(conversion_summary(model))
     dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
     model.to(device=device, dtype=dtype)
     optimizer = build_optimizer(config["optimizer"], model)
+    after_step = [SSTController(model, optimizer, seed=config["seed"], **controller_options).step] if kind == "sst" else []
     model = wrap_ddp(model, device, world_size)
     scheduler = build_scheduler(optimizer, total_steps=settings.steps, warmup_steps=settings.warmup_steps,
                                 min_lr_ratio=settings.min_lr_ratio, cycle_length=settings.cycle_length)
@@ -102,7 +108,7 @@ def build_trainer(config: Mapping[str, Any], run_dir: str | os.PathLike) -> Trai
     wandb = None if logger_cfg.pop("kind") == "none" else logger_cfg
     logger = RunLogger(run_dir, config["run_name"], dict(config), wandb=wandb, enabled=rank == 0)
     trainer = Trainer(model, optimizer, scheduler, data, settings, run_dir, logger, device=device,
-                      fingerprint=fingerprint(config), rank=rank, world_size=world_size)
+                      fingerprint=fingerprint(config), rank=rank, world_size=world_size, after_step=after_step)
     start = trainer.resume_if_possible()
     if start and rank == 0:
         print(f"resuming {config['run_name']} from step {start} ({trainer.checkpoint_dir})")

@@ -21,6 +21,7 @@ from lrtrain.train.run import build_trainer, run
 
 ROOT = Path(__file__).resolve().parents[2]
 OPTIMIZERS = ["adamw", "galore", "fira", "frugal"]
+METHODS = [*OPTIMIZERS, "sltrain", "sst"]
 TINY = ["logger=none", "train.steps=8", "train.seq_len=32", "train.batch_size=4", "train.warmup_steps=1",
         "train.eval_every=4", "train.eval_batches=2", "train.log_every=1", "train.progress=false"]
 
@@ -40,12 +41,24 @@ def _metrics(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("model", sorted(LLAMA_SIZES))
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_every_model_and_optimizer_composes(model, optimizer, cache_dir):
+    """Every optimizer config on every model size; the methods (optimizer + parameterization) too."""
     cfg = config(f"model={model}", f"optimizer={optimizer}")
     assert cfg["model"]["size"] == model and cfg["optimizer"]["name"] == optimizer
     assert cfg["run_name"] == f"{model}-{optimizer}-dense"
     if optimizer in ("galore", "fira"):
-        assert cfg["optimizer"]["rank"] == {"llama_tiny": 32, "llama_20m": 64, "llama_60m": 128, "llama_130m": 256,
+        assert cfg["optimizer"]["rank"] == cfg["model"]["recipe"]["rank"] == {"llama_tiny": 32, "llama_20m": 64, "llama_60m": 128, "llama_130m": 256,
                                             "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}[model]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_methods_choose_optimizer_and_parameterization(method, cache_dir):
+    cfg = config(f"method={method}")
+    param = method if method in ("sltrain", "sst") else "dense"
+    assert (cfg["optimizer"]["name"], cfg["param"]["kind"]) == ("adamw" if param != "dense" else method, param)
+    if param != "dense":
+        assert cfg["param"]["rank"] == 32 and cfg["param"]["target_modules"] == ["attn", "mlp"]
+    if param == "sltrain":  # the reference's scale alpha/rank = 0.25 at 60M; llama_tiny keeps it
+        assert cfg["param"]["alpha"] / cfg["param"]["rank"] == 0.25 and cfg["param"]["sparsity"] == 0.03
 
 
 @pytest.mark.parametrize("name", ["galore_60m", "galore_130m", "fira_60m", "fira_130m", "cpu_compare"])
@@ -74,13 +87,16 @@ def test_unknown_keys_are_refused(cache_dir, tmp_path):
     "override,match",
     [("train.precision=fp16", "train.precision must be one of"), ("optimizer=galore", None),
      ("train.warmup_steps=8", "warmup_steps"), ("model.size=llama_3m", "unknown LLaMA size"),
-     ("optimizer.name=sgd", "optimizer.name must be one of"), ("param.kind=sltrain", "param.kind"),
+     ("optimizer.name=sgd", "optimizer.name must be one of"), ("param.kind=lora", "kind must be one of"),
+     ("param=sltrain", "rank"),
      ("device=cuda", "CUDA is not available"), ("train.batch_size=0", "train.batch_size")],
 )
 def test_bad_values_fail_before_training(override, match, cache_dir, tmp_path):
     overrides = [*TINY, override]
     if match is None:  # rank 0 for a subspace optimizer: the optimizer refuses it
         overrides, match = [*TINY, "optimizer=galore", "optimizer.rank=0"], "rank must be an integer >= 1"
+    if override == "param=sltrain":  # rank as large as the hidden size: SLTrain refuses it
+        overrides = [*TINY, override, "param.rank=128"]
     if override == "device=cuda" and torch.cuda.is_available():
         pytest.skip("a CUDA device is present here")
     with pytest.raises(ValueError, match=match):
@@ -88,10 +104,10 @@ def test_bad_values_fail_before_training(override, match, cache_dir, tmp_path):
     assert not checkpoints(tmp_path / "checkpoints")
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_loss_falls_on_the_corpus(optimizer, cache_dir, tmp_path):
-    summary = run(config(f"optimizer={optimizer}", *TINY, "train.steps=40", "train.seq_len=64", "train.batch_size=8",
-                         "train.warmup_steps=4", "train.eval_every=0", "model.update_proj_gap=10"), tmp_path)
+@pytest.mark.parametrize("method", METHODS)
+def test_loss_falls_on_the_corpus(method, cache_dir, tmp_path):
+    summary = run(config(f"method={method}", *TINY, "train.steps=40", "train.seq_len=64", "train.batch_size=8",
+                         "train.warmup_steps=4", "train.eval_every=0", "model.recipe.update_proj_gap=10"), tmp_path)
     losses = [m["train/loss"] for m in _metrics(tmp_path)]
     assert losses[0] == pytest.approx(math.log(4096), abs=0.3)  # random init: uniform over the vocabulary
     assert sum(losses[-5:]) / 5 < losses[0] - 1.5, losses
@@ -99,10 +115,10 @@ def test_loss_falls_on_the_corpus(optimizer, cache_dir, tmp_path):
     assert (tmp_path / "run.json").exists() and checkpoints(tmp_path / "checkpoints")
 
 
-@pytest.mark.parametrize("optimizer", ["galore", "frugal"])
-def test_resume_equals_the_uninterrupted_run(optimizer, cache_dir, tmp_path):
-    cfg = config(f"optimizer={optimizer}", *TINY, "train.steps=10", "train.checkpoint_every=4",
-                 "model.update_proj_gap=3")
+@pytest.mark.parametrize("method", ["galore", "frugal", "sst"])
+def test_resume_equals_the_uninterrupted_run(method, cache_dir, tmp_path):
+    cfg = config(f"method={method}", *TINY, "train.steps=10", "train.checkpoint_every=4",
+                 "model.recipe.update_proj_gap=3")
     whole = build_trainer(cfg, tmp_path / "whole")
     whole.fit()
     whole.logger.finish({})
@@ -146,6 +162,7 @@ def test_memory_metrics_match_the_analytic_count(cache_dir, tmp_path):
     n_params = sum(p.numel() for p in params)
     assert last["memory/params_gib"] * 2**30 == n_params * 4
     assert last["memory/grads_gib"] * 2**30 == n_params * 4
+    assert last["memory/buffers_gib"] * 2**30 == sum(b.numel() * b.element_size() for b in trainer.model.buffers())
     expected_state = 0
     for name, p in trainer.model.named_parameters():
         if p.dim() == 2 and ("attn" in name or "mlp" in name):
@@ -206,7 +223,7 @@ def test_sweep_then_report(cache_dir, tmp_path):
 def test_torchrun_ddp_matches_one_process(cache_dir, tmp_path):
     """Two gloo processes with half the rows each train like one process with the whole batch."""
     env = {**os.environ, "WANDB_MODE": "disabled", "LRTRAIN_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
-    common = ["optimizer=galore", *TINY, "train.steps=6", "train.grad_accum=2", "model.update_proj_gap=3"]
+    common = ["optimizer=galore", *TINY, "train.steps=6", "train.grad_accum=2", "model.recipe.update_proj_gap=3"]
     subprocess.run([sys.executable, "scripts/pretrain.py", *common, "train.batch_size=4",
                     f"output_root={tmp_path / 'one'}"], cwd=ROOT, env=env, check=True, capture_output=True)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
