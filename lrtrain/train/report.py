@@ -102,18 +102,18 @@ def plot(runs: list[RunRecord], out_dir: Path) -> list[Path]:
     fig.savefig(paths[0], dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.2), sharey=True)
     for ax, key, title in zip(axes, ("memory/peak_gib", "memory/optimizer_state_gib"),
                               ("peak tensor memory", "optimizer state")):
         for i, r in enumerate(runs):
             if key in r.summary and "val/loss" in r.summary:
                 x = r.summary[key] * 1024
                 ax.scatter(x, r.summary["val/loss"], color=f"C{i}", s=60, label=r.label)
-                ax.annotate(r.label, (x, r.summary["val/loss"]), textcoords="offset points", xytext=(6, 4))
         ax.set(xlabel=f"{title} (MiB)", title=f"Final validation loss vs {title}")
-        ax.margins(x=0.25, y=0.1)
+        ax.margins(x=0.15, y=0.1)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation loss")
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(paths[1], dpi=120)
     plt.close(fig)
