@@ -73,3 +73,33 @@ def test_bad_input():
         convert(_model(), "sltrain", rank=128)  # llama_tiny's hidden size
     with pytest.raises(ValueError, match="sparsity"):
         convert(_model(), "sltrain", rank=8, sparsity=1.5)
+
+
+@pytest.mark.parametrize("kind,optimizer", [("sltrain", "galore"), ("sst", "fira"), ("sltrain", "frugal")])
+def test_lrtrain_optimizers_train_converted_models(kind, optimizer):
+    """The MLPs as SLTrain/SST layers, the attention projected by a subspace optimizer (or, for
+    FRUGAL, its block mode over every tensor of the group)."""
+    from lrtrain.optim import FiraAdamW, FrugalAdamW, GaLoreAdamW, param_groups
+    from lrtrain.param import SSTController
+
+    torch.manual_seed(0)
+    model = convert(_model(), kind, target_modules=["mlp"], rank=8)
+    if optimizer == "frugal":
+        opt = FrugalAdamW([{"params": list(model.parameters()), "density": 0.5, "proj_method": "blocks",
+                            "update_proj_gap": 5}], lr=3e-3)
+    else:
+        groups = param_groups(model, target_modules=["self_attn"], rank=8, update_proj_gap=5)
+        opt = {"galore": GaLoreAdamW, "fira": FiraAdamW}[optimizer](groups, lr=1e-2)
+        assert len(groups[1]["params"]) == 4 * 4  # q, k, v, o of 4 layers are projected
+    controller = SSTController(model, opt, sample_every=5) if kind == "sst" else None
+    tokens = torch.randint(0, 61, (8, 25))
+    losses = []
+    for _ in range(25):
+        loss = nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if controller is not None:
+            controller.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0, losses

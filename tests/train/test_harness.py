@@ -138,6 +138,15 @@ def test_resume_equals_the_uninterrupted_run(method, cache_dir, tmp_path):
         assert torch.equal(p, q)
 
 
+def test_parameterization_with_a_subspace_optimizer(cache_dir, tmp_path):
+    """SLTrain MLPs with GaLore on the attention, composed from the config groups."""
+    trainer = build_trainer(config("optimizer=galore", "param=sltrain", "param.target_modules=[mlp]",
+                                   "optimizer.target_modules=[self_attn]", *TINY, "train.steps=3"), tmp_path)
+    assert len(trainer.optimizer.param_groups[1]["params"]) == 4 * LLAMA_SIZES["llama_tiny"]["num_hidden_layers"]
+    trainer.fit()
+    assert all(math.isfinite(m["train/loss"]) for m in _metrics(tmp_path))
+
+
 def test_finished_run_is_not_trained_again(cache_dir, tmp_path, capsys):
     first = run(config(*TINY, "train.steps=3"), tmp_path)
     lines = (tmp_path / "metrics.jsonl").read_text()
