@@ -22,12 +22,17 @@ tensor (and a seed) in its state, so ``state_dict`` holds tensors only.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+
+def _identity(tensor: Tensor) -> Tensor:
+    return tensor
+
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
-PROJ_METHODS = ("svd", "random", "coordinates")
+PROJ_METHODS = ("svd", "randomized", "random", "coordinates")
 
 
 def projection_side(shape: tuple[int, ...], proj_type: str) -> str:
@@ -120,6 +125,39 @@ def robust_svd_basis(grad: Tensor, rank: int, side: str, previous: Tensor | None
         stacklevel=4,
     )
     return random_basis(0, tuple(grad.shape), rank, side, dtype=grad.dtype, device=grad.device)
+
+
+def randomized_basis(
+    grad: Tensor, rank: int, *, previous: Tensor | None, seed: int, oversample: int, power_iters: int,
+    reduce_: Callable[[Tensor], Tensor] = _identity,
+) -> Tensor:
+    """The right basis Q (r, n) of G's top singular subspace by subspace iteration: a few matmuls
+    and a thin QR instead of a full SVD (Halko, Martinsson & Tropp, 2011). A left basis of G is the
+    transpose of the right basis of Gᵀ.
+
+    ``grad`` holds rows of G (m, n): all of them, or this rank's when ``reduce_`` sums over the
+    ranks holding the others (the only collectives are then (n, k) and (k, k) sketches):
+
+        Ω (n, k), k = rank + oversample: the previous basis (warm start), completed by Gaussian columns
+        Ω ← orth(Gᵀ (G Ω))            ``power_iters`` times
+        B = G Ω;  Bᵀ B = E Λ Eᵀ       Rayleigh-Ritz on the sketch
+        Q = (Ω E_r)ᵀ                   E_r: the eigenvectors of the r largest eigenvalues
+
+    ``previous`` is the current right basis (r, n); ``seed`` draws Ω's Gaussian columns, the same
+    on every rank. A zero gradient gives an orthonormal (if arbitrary) basis, never NaN.
+    """
+    n = grad.shape[1]
+    k = min(rank + oversample, n)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, k, generator=generator, dtype=torch.float64).to(grad)
+    if previous is not None:
+        omega[:, : previous.shape[0]] = previous.T
+    omega = torch.linalg.qr(omega).Q
+    for _ in range(power_iters):
+        omega = torch.linalg.qr(reduce_(grad.T @ (grad @ omega))).Q
+    sketch = grad @ omega  # (m or m_local, k)
+    _, vectors = torch.linalg.eigh(reduce_(sketch.T @ sketch))  # ascending eigenvalues of Bᵀ B
+    return (omega @ vectors[:, -rank:].flip(-1)).T.contiguous()  # largest first
 
 
 def random_basis(

@@ -23,6 +23,13 @@ t (t0 = t - 1 steps taken so far):
 ``density`` of the group's tensors (any shape) is chosen (``block_order``); those get Adam with
 fresh moments, the rest the state-free ``residual`` rule on all of G.
 
+Sharded parameters (FSDP2 DTensors on a 1-D mesh, split on dim 0 or 1) are handled through the
+row-split view of :mod:`lrtrain.distributed.sharding`: a projection whose basis spans the unsplit
+dimension is local to each rank; one whose basis spans the split dimension all-reduces the (r, n)
+projected gradient every step. Refreshes gather the gradient (``svd``) or all-reduce (n, k)
+sketches (``randomized``); random and coordinate bases come from seeds. Every rank ends each step
+with the same basis, step and limiter state; moments split like the parameter are DTensors.
+
 Groups without ``rank``/``density`` are plain AdamW in the same ``adam_style``. The state holds
 tensors only: ``step`` (0-d float32, CPU, as torch.optim), ``exp_avg``/``exp_avg_sq``, ``basis``
 (float, or int64 indices for coordinates), ``seed`` (int64), ``limiter_norm`` (Fira) and
@@ -35,13 +42,14 @@ from __future__ import annotations
 import difflib
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..distributed import MatrixShards, local, matrix_shards
 from .projector import (
     PROJ_METHODS,
     PROJ_TYPES,
@@ -53,6 +61,7 @@ from .projector import (
     project,
     projection_side,
     random_basis,
+    randomized_basis,
     robust_svd_basis,
     subspace_rank,
 )
@@ -78,6 +87,8 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "block_order": "random",
     "seed": 0,
     "on_nonfinite": "skip",
+    "oversample": 8,
+    "power_iters": 2,
 }
 #: Keys whose presence makes a group a subspace group (never defaults).
 MARKER_KEYS = ("rank", "density")
@@ -145,11 +156,12 @@ def adamw_(param: Tensor, grad: Tensor, state: dict, group: dict, lr_scale: floa
     decay the group's lr (FRUGAL's rule for its scaled groups)."""
     lr, wd = float(group["lr"]), group["weight_decay"]
     decay_first = group["adam_style"] == "torch"
+    param, grad, exp_avg = local(param), local(grad), local(state["exp_avg"])  # elementwise: shards suffice
     if wd and decay_first:
         param.mul_(1.0 - lr * wd)
     step = float(state["step"].add_(1.0))
-    denom = adam_denominator_(state["exp_avg"], state["exp_avg_sq"], grad, step, group)
-    param.addcdiv_(state["exp_avg"], denom, value=-adam_step_size(lr * lr_scale, step, group))
+    denom = adam_denominator_(exp_avg, local(state["exp_avg_sq"]), grad, step, group)
+    param.addcdiv_(exp_avg, denom, value=-adam_step_size(lr * lr_scale, step, group))
     if wd and not decay_first:
         param.mul_(1.0 - lr * wd)
 
@@ -159,7 +171,7 @@ def adamw_(param: Tensor, grad: Tensor, state: dict, group: dict, lr_scale: floa
 
 def fira_update_(
     weight: Tensor, grad: Tensor, low: Tensor, direction: Tensor, basis: Tensor, side: str,
-    step_size: float, scale: float, state: dict, gamma: float | None,
+    step_size: float, scale: float, state: dict, gamma: float | None, reduce_: Callable[[Tensor], Tensor],
 ) -> None:
     """W ← W - s·(scale·back(N) + ℓ⁻¹·φ⊙(G - scale·back(R))), without a full-size temporary.
 
@@ -167,12 +179,17 @@ def fira_update_(
     ‖g_i - α·back(R)_i‖² = ‖g_i‖² - (2α - α²)·‖R_i‖², which gives ‖S‖ for the limiter; and
     φ⊙back(R) = back(φ⊙R), so the whole update is back(α(N - c⊙R)) + c⊙G with c = φ/ℓ.
     ``low`` is R, ``direction`` is N; the limiter state is ``state["limiter_norm"]`` (0-d).
+    ``grad`` and ``weight`` may be this rank's rows of a row-split matrix: ``reduce_`` sums over
+    the ranks (the squared norms of G's columns on the left; the squared norm of S on the right).
     """
     dim = 1 if side == "right" else 0  # reduce over the rank dimension of R and N
     phi = torch.linalg.vector_norm(direction, dim=dim) / (torch.linalg.vector_norm(low, dim=dim) + 1e-8)
     residual_sq = torch.linalg.vector_norm(grad, dim=dim).square_()
+    if side == "left":
+        reduce_(residual_sq)
     residual_sq.sub_(low.square().sum(dim=dim), alpha=2.0 * scale - scale * scale).clamp_(min=0.0)
-    residual_norm = (phi.square() * residual_sq).sum().sqrt()
+    residual_sq_total = (phi.square() * residual_sq).sum()
+    residual_norm = (reduce_(residual_sq_total) if side == "right" else residual_sq_total).sqrt()
     if gamma is not None and "limiter_norm" in state:
         limiter = torch.clamp(residual_norm / (state["limiter_norm"] + 1e-8), min=gamma) / gamma
         phi = phi / limiter
@@ -226,8 +243,10 @@ def validate_options(group: dict) -> None:
     gamma = group["limiter_gamma"]
     if gamma is not None and not gamma >= 1.0:
         raise ValueError(f"limiter_gamma must be >= 1 (Fira uses 1.01) or None to turn the limiter off; got {gamma}")
-    if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
-        raise ValueError(f"seed must be an integer; got {group['seed']!r}")
+    for key in ("seed", "oversample", "power_iters"):
+        value = group[key]
+        if isinstance(value, bool) or not isinstance(value, int) or (key != "seed" and value < 0):
+            raise ValueError(f"{key} must be an integer{'' if key == 'seed' else ' >= 0'}; got {value!r}")
     _check_choice("adam_style", group["adam_style"], ADAM_STYLES)
     _check_choice("proj_type", group["proj_type"], PROJ_TYPES)
     _check_choice("proj_method", group["proj_method"], GROUP_METHODS)
@@ -442,35 +461,44 @@ class SubspaceAdamW(Optimizer):
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
-            grad = self._grad(group, i, p).to(compute_dtype(p.dtype))
+            shards = matrix_shards(p)
+            grad = shards.view(self._grad(group, i, p)).to(compute_dtype(p.dtype))  # this rank's rows (m_local, n)
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0)
             side, rank = param_layout(tuple(p.shape), group)
             if "basis" not in state or int(state["step"]) % group["update_proj_gap"] == 0:
-                if not self._refresh(group, i, first_index + i, p, grad, state, side, rank):
+                if not self._refresh(group, i, first_index + i, p, grad, state, side, rank, shards):
                     continue
+            side = shards.view_side(side)
+            basis = shards.basis_view(state["basis"], side, grad.dtype)
+            exp_avg, exp_avg_sq = shards.view(state["exp_avg"]), shards.view(state["exp_avg_sq"])
             step = float(state["step"].add_(1.0))
-            low = project(grad, state["basis"], side)
+            low = project(grad, basis, side)
+            if side == "left":
+                shards.all_reduce_(low)  # R = Σ over the ranks' rows of Pᵀ G
             # GaLore's rule never reads R again, so the denominator (and N) can take its memory.
             reuse = low if group["residual"] == "none" else None
-            denom = adam_denominator_(state["exp_avg"], state["exp_avg_sq"], low, step, group, out=reuse)
-            direction = torch.div(state["exp_avg"], denom, out=denom)
-            weight = p if p.dtype == grad.dtype else p.to(grad.dtype)
-            self._write_update(group, weight, grad, low, direction, state, side, lr, adam_step_size(lr, step, group))
-            if weight is not p:
-                p.copy_(weight)
+            denom = adam_denominator_(exp_avg, exp_avg_sq, low, step, group, out=reuse)
+            direction = torch.div(exp_avg, denom, out=denom)
+            weight = shards.view(p)
+            work = weight if weight.dtype == grad.dtype else weight.to(grad.dtype)
+            self._write_update(group, work, grad, low, direction, basis, state, side, lr,
+                               adam_step_size(lr, step, group), shards)
+            if work is not weight:
+                weight.copy_(work)
 
     @staticmethod
-    def _write_update(group, weight, grad, low, direction, state, side, lr, step_size) -> None:
+    def _write_update(group, weight, grad, low, direction, basis, state, side, lr, step_size, shards) -> None:
         """W ← W - s·scale·back(N) - residual term, with decoupled decay before or after."""
-        basis, scale, rule = state["basis"], group["scale"], group["residual"]
+        scale, rule = group["scale"], group["residual"]
         decay = 1.0 - lr * group["weight_decay"]
         decay_first = group["adam_style"] == "torch"
         if decay != 1.0 and decay_first:
             weight.mul_(decay)
         if rule == "fira":
-            fira_update_(weight, grad, low, direction, basis, side, step_size, scale, state, group["limiter_gamma"])
+            fira_update_(weight, grad, low, direction, basis, side, step_size, scale, state, group["limiter_gamma"],
+                         shards.all_reduce_)
         else:
             add_project_back_(weight, direction, basis, side, alpha=-step_size * scale)
             if rule != "none":
@@ -479,9 +507,10 @@ class SubspaceAdamW(Optimizer):
         if decay != 1.0 and not decay_first:
             weight.mul_(decay)
 
-    def _refresh(self, group, index, seed_index, p, grad, state, side, rank) -> bool:
-        """A new basis from G; False (and nothing changed) when G is not finite."""
-        if not bool(torch.isfinite(grad).all()):
+    def _refresh(self, group, index, seed_index, p, grad, state, side, rank, shards: MatrixShards) -> bool:
+        """A new basis (in the parameter's layout, the same on every rank); False, with nothing
+        changed, when the gradient is not finite on some rank."""
+        if not shards.agree(bool(torch.isfinite(grad).all()), grad.device):
             message = f"non-finite gradient (NaN/Inf) at a subspace refresh of {self._param_name(group, index)}"
             if group["on_nonfinite"] == "raise":
                 raise FloatingPointError(message + "; pass on_nonfinite='skip' to skip such steps instead")
@@ -491,13 +520,17 @@ class SubspaceAdamW(Optimizer):
                 stacklevel=4,
             )
             return False
-        shape, method = tuple(p.shape), group["proj_method"]
-        if method == "svd":
-            basis = robust_svd_basis(grad, rank, side, state.get("basis"), self._param_name(group, index))
+        shape, method, view_side = tuple(p.shape), group["proj_method"], shards.view_side(side)
+        if method == "svd":  # exact: on the whole gradient, as galore-torch computes it
+            full = shards.full(p.grad).to(grad.dtype)
+            basis = shards.broadcast_(robust_svd_basis(full, rank, side, state.get("basis"),
+                                                       self._param_name(group, index)))
         else:
             seed = next_seed(int(state["seed"])) if "seed" in state else initial_seed(group["seed"], seed_index)
             state["seed"] = torch.tensor(seed, dtype=torch.int64)
-            if method == "random":
+            if method == "randomized":
+                basis = self._randomized_refresh(group, grad, state, side, rank, seed, p, shards)
+            elif method == "random":
                 basis = random_basis(seed, shape, rank, side, dtype=grad.dtype, device=grad.device)
             else:
                 basis = coordinate_basis(seed, shape, rank, side, device=grad.device)
@@ -505,13 +538,33 @@ class SubspaceAdamW(Optimizer):
         state["basis"] = basis
         if fresh:
             low_shape = low_rank_shape(shape, side, rank)
-            state["exp_avg"] = grad.new_zeros(low_shape)
-            state["exp_avg_sq"] = grad.new_zeros(low_shape)
+            split = view_side == "right"  # moments split like the weight when its rows project locally
+            state["exp_avg"] = shards.zeros(low_shape, split=split, dtype=grad.dtype, device=grad.device)
+            state["exp_avg_sq"] = shards.zeros(low_shape, split=split, dtype=grad.dtype, device=grad.device)
         elif group["refresh_moments"] == "reset":
-            state["exp_avg"].zero_()
-            state["exp_avg_sq"].zero_()
+            local(state["exp_avg"]).zero_()
+            local(state["exp_avg_sq"]).zero_()
             state["step"].zero_()
         return True
+
+    @staticmethod
+    def _randomized_refresh(group, grad, state, side, rank, seed, p, shards: MatrixShards) -> Tensor:
+        """Subspace iteration on the basis' own side: a right basis of G, or of Gᵀ for a left one.
+
+        When the basis spans the view's columns (a right basis of a dim-0 split, a left basis of a
+        dim-1 split: the layouts the harness chooses) every rank iterates on its rows and only
+        sketches are all-reduced; in the crossed layouts the gradient is gathered, as for svd."""
+        options = {"seed": seed, "oversample": group["oversample"], "power_iters": group["power_iters"]}
+        previous = state.get("basis")
+        if shards.view_side(side) == "right":  # the basis spans the columns every rank holds
+            view_previous = None if previous is None else (previous.T if side == "left" else previous)
+            view_basis = randomized_basis(grad, rank, previous=view_previous, reduce_=shards.all_reduce_, **options)
+            return view_basis.T.contiguous() if side == "left" else view_basis
+        full = shards.full(p.grad).to(grad.dtype)  # parameter layout
+        if side == "right":
+            return shards.broadcast_(randomized_basis(full, rank, previous=previous, **options))
+        left_previous = None if previous is None else previous.T
+        return shards.broadcast_(randomized_basis(full.T, rank, previous=left_previous, **options).T.contiguous())
 
     # ----------------------------------------------------------------- FRUGAL blocks
 
@@ -532,16 +585,18 @@ class SubspaceAdamW(Optimizer):
             state["step"].add_(1.0)
             if group["residual"] == "none" and decay == 1.0:
                 continue
-            weight = p if p.dtype == compute_dtype(p.dtype) else p.to(compute_dtype(p.dtype))
+            weight = local(p)
+            work = weight if weight.dtype == compute_dtype(p.dtype) else weight.to(compute_dtype(p.dtype))
             if decay != 1.0 and decay_first:
-                weight.mul_(decay)
+                work.mul_(decay)
             if group["residual"] != "none":
                 state_free_lr = lr * scale * group["state_free_lr_scale"]
-                state_free_update_(weight, grad.to(weight.dtype), None, None, "right", group["residual"], state_free_lr)
+                state_free_update_(work, local(grad).to(work.dtype), None, None, "right", group["residual"],
+                                   state_free_lr)
             if decay != 1.0 and not decay_first:
-                weight.mul_(decay)
-            if weight is not p:
-                p.copy_(weight)
+                work.mul_(decay)
+            if work is not weight:
+                weight.copy_(work)
 
     def _select_blocks(self, group: dict, first_index: int) -> None:
         """Deactivate every tensor of the group, then activate the next ``density`` fraction."""

@@ -12,6 +12,7 @@ from lrtrain.optim.projector import (
     project_back,
     projection_side,
     random_basis,
+    randomized_basis,
     subspace_rank,
     svd_basis,
 )
@@ -125,3 +126,45 @@ def test_seed_chain_is_deterministic_and_distinct():
     for _ in range(50):
         chain.append(next_seed(chain[-1]))
     assert len(set(chain)) == 51 and all(0 <= s < 2**63 for s in chain)
+
+
+def _decaying(m, n, decay=40.0, noise=1e-3):
+    """A gradient-like matrix: singular values exp(-i/decay) plus a little noise."""
+    u = torch.linalg.qr(torch.randn(m, min(m, n), dtype=F64))[0]
+    v = torch.linalg.qr(torch.randn(n, min(m, n), dtype=F64))[0]
+    s = torch.exp(-torch.arange(min(m, n), dtype=F64) / decay)
+    return (u * s) @ v.T + noise * torch.randn(m, n, dtype=F64)
+
+
+def _energy(g, basis, side):
+    return (project(g, basis, side).square().sum() / g.square().sum()).item()
+
+
+@pytest.mark.parametrize("shape", [(300, 140), (140, 300)])
+@pytest.mark.parametrize("power_iters,fraction", [(1, 0.9), (2, 0.98)])  # a flat spectrum: sigma_24 / sigma_0 = 0.55
+def test_randomized_basis_is_orthonormal_and_captures_the_energy(shape, power_iters, fraction):
+    g = _decaying(*shape)
+    rank = 24
+    exact = _energy(g, svd_basis(g, rank, "right"), "right")
+    q = randomized_basis(g, rank, previous=None, seed=3, oversample=8, power_iters=power_iters)
+    assert q.shape == (rank, shape[1]) and _orthonormal_error(q, "right") < 1e-12
+    assert _energy(g, q, "right") >= fraction * exact
+    left = randomized_basis(g.T, rank, previous=None, seed=3, oversample=8, power_iters=power_iters).T
+    assert _orthonormal_error(left, "left") < 1e-12
+    assert _energy(g, left, "left") >= fraction * _energy(g, svd_basis(g, rank, "left"), "left")
+
+
+def test_randomized_warm_start_tracks_a_drifting_subspace():
+    """With the previous basis as start, one power iteration recovers a slowly moving subspace
+    better than a cold Gaussian start does."""
+    g0 = _decaying(200, 120, decay=8.0)
+    g1 = g0 + 0.05 * torch.randn_like(g0)
+    previous = svd_basis(g0, 10, "right")
+    warm = randomized_basis(g1, 10, previous=previous, seed=5, oversample=2, power_iters=0)
+    cold = randomized_basis(g1, 10, previous=None, seed=5, oversample=2, power_iters=0)
+    assert _energy(g1, warm, "right") > _energy(g1, cold, "right") + 0.05
+
+
+def test_randomized_basis_of_a_zero_gradient_is_orthonormal():
+    q = randomized_basis(torch.zeros(30, 20, dtype=F64), 5, previous=None, seed=0, oversample=4, power_iters=2)
+    assert torch.isfinite(q).all() and _orthonormal_error(q, "right") < 1e-12

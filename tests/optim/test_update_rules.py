@@ -94,7 +94,7 @@ RULES = {  # name: (class, rule, adam_style, refresh_moments)
 
 
 @pytest.mark.parametrize("rule_name", list(RULES))
-@pytest.mark.parametrize("method", ["svd", "random", "coordinates"])
+@pytest.mark.parametrize("method", ["svd", "randomized", "random", "coordinates"])
 @pytest.mark.parametrize("shape,proj_type", [((26, 15), "std"), ((15, 26), "std"), ((26, 15), "left"), ((19, 19), "right")])
 def test_rule_matches_float64_reference(rule_name, method, shape, proj_type):
     cls, rule, style, refresh = RULES[rule_name]
