@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -102,6 +103,8 @@ class TensorMemoryTracker(TorchDispatchMode):
         self.current -= self._live.pop(key, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented  # let DTensor run its local ops, which come back here one by one
         out = func(*args, **(kwargs or {}))
         self.track(*(t for t in tree_leaves(out) if isinstance(t, Tensor)))
         return out

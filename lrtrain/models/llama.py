@@ -78,7 +78,7 @@ def llama_config(size: str, vocab_size: int, max_position_embeddings: int = 2048
 
 
 class RMSNorm(nn.Module):
-    """``y = x * rsqrt(mean(x^2, -1) + eps) * weight``, normalised in float32 and cast back."""
+    """``y = x * rsqrt(mean(x^2, -1) + eps) * weight``, normalised in float32 (or better) and cast back."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -90,7 +90,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 

@@ -95,6 +95,19 @@ def svd_basis(grad: Tensor, rank: int, side: str) -> Tensor:
     return vh[:rank].contiguous() if side == "right" else u[:, :rank].contiguous()
 
 
+def canonical_signs_(basis: Tensor, side: str) -> Tensor:
+    """Flip each basis vector so that its largest-magnitude entry is positive, in place.
+
+    An SVD fixes singular vectors only up to sign, and LAPACK's choice is not continuous in the
+    input: gradients that differ in their last bits (another thread count, reduction order or
+    process layout) can get opposite signs. Where moments are kept across refreshes (GaLore,
+    Fira), those signs change the trajectory; with this convention they no longer do."""
+    vectors = basis if side == "right" else basis.T  # one vector per row
+    largest = vectors.abs().argmax(dim=1, keepdim=True)
+    vectors.mul_(torch.where(vectors.gather(1, largest) < 0, -1.0, 1.0).to(vectors.dtype))
+    return basis
+
+
 def robust_svd_basis(grad: Tensor, rank: int, side: str, previous: Tensor | None, name: str) -> Tensor:
     """``svd_basis`` with fallbacks when the SVD fails to converge: float64 on the CPU, then the
     previous basis (or, on the first refresh, a random orthonormal one). Each fallback warns."""

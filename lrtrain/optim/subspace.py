@@ -54,6 +54,7 @@ from .projector import (
     PROJ_METHODS,
     PROJ_TYPES,
     add_project_back_,
+    canonical_signs_,
     coordinate_basis,
     initial_seed,
     low_rank_shape,
@@ -71,6 +72,7 @@ RESIDUALS = ("none", "fira", "sign_sgd", "sgd")
 REFRESH_MOMENTS = ("keep", "reset")
 BLOCK_ORDERS = ("random", "ascending", "descending", "mirror")
 ON_NONFINITE = ("skip", "raise")
+BASIS_SIGNS = ("lapack", "canonical")
 GROUP_METHODS = (*PROJ_METHODS, "blocks")
 
 #: Options every group carries (constructor keywords become the defaults of every group).
@@ -89,6 +91,7 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "on_nonfinite": "skip",
     "oversample": 8,
     "power_iters": 2,
+    "basis_signs": "lapack",
 }
 #: Keys whose presence makes a group a subspace group (never defaults).
 MARKER_KEYS = ("rank", "density")
@@ -254,6 +257,7 @@ def validate_options(group: dict) -> None:
     _check_choice("residual", group["residual"], RESIDUALS)
     _check_choice("block_order", group["block_order"], BLOCK_ORDERS)
     _check_choice("on_nonfinite", group["on_nonfinite"], ON_NONFINITE)
+    _check_choice("basis_signs", group["basis_signs"], BASIS_SIGNS)
 
 
 def _validate_marker(group: dict) -> None:
@@ -303,12 +307,15 @@ class SubspaceAdamW(Optimizer):
         lr, betas, eps, weight_decay, correct_bias: as in torch.optim.AdamW / transformers.
         **options: defaults for every group (each group may override them):
             update_proj_gap (200), scale (0.25; Fira's ``alpha`` is accepted), proj_type
-            (std | reverse_std | left | right), proj_method (svd | random | coordinates | blocks),
+            (std | reverse_std | left | right), proj_method (svd | randomized | random | coordinates | blocks),
             refresh_moments (keep | reset), residual (none | fira | sign_sgd | sgd; FRUGAL's
             ``state_free`` is accepted), state_free_lr_scale (1.0), limiter_gamma (1.01; None turns
             Fira's limiter off), adam_style (hf | torch), block_order (random | ascending |
             descending | mirror), seed (0; random bases are a function of it, the same on every
-            rank), on_nonfinite (skip | raise: what a NaN/Inf gradient at a refresh does).
+            rank), on_nonfinite (skip | raise: what a NaN/Inf gradient at a refresh does),
+            oversample (8) and power_iters (2) for proj_method="randomized", basis_signs (lapack: the
+            signs the SVD returns, as galore-torch; canonical: each vector's largest entry positive,
+            so that runs agree across thread counts, devices and process layouts).
 
     The public classes are presets of this engine: they only change the defaults (``preset``).
     """
@@ -534,6 +541,8 @@ class SubspaceAdamW(Optimizer):
                 basis = random_basis(seed, shape, rank, side, dtype=grad.dtype, device=grad.device)
             else:
                 basis = coordinate_basis(seed, shape, rank, side, device=grad.device)
+        if group["basis_signs"] == "canonical" and method in ("svd", "randomized"):
+            canonical_signs_(basis, side)
         fresh = "basis" not in state
         state["basis"] = basis
         if fresh:

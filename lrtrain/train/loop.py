@@ -14,14 +14,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..memory import PeakMemory, module_bytes, state_bytes
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, load_trainer_state, save_checkpoint
 from .distributed import mean_across_ranks
 from .logger import RunLogger
 
 GIB = 2**30
-PRECISIONS = ("fp32", "bf16-mixed", "bf16")
+PRECISIONS = ("fp32", "bf16-mixed", "bf16", "fp64")
 
 
 @dataclass
@@ -29,7 +30,8 @@ class TrainSettings:
     """How to train. ``batch_size`` sequences of ``seq_len`` tokens per micro-batch and process;
     ``grad_accum`` micro-batches per optimizer step. ``precision``: ``fp32``; ``bf16-mixed``
     (fp32 weights and optimizer, bf16 autocast: FRUGAL's ``--dtype fp32 --amp``); ``bf16`` (the
-    whole model in bf16: GaLore's ``--dtype bfloat16``)."""
+    whole model in bf16: GaLore's ``--dtype bfloat16``); ``fp64`` (for numerical checks: runs that
+    must agree across process layouts agree to rounding only in float64)."""
 
     steps: int
     batch_size: int
@@ -76,10 +78,11 @@ class TrainSettings:
 
 
 def causal_lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a (batch, seq_len + 1) block; logits in float32."""
+    """Mean next-token cross-entropy of a (batch, seq_len + 1) block; logits in float32 (or better)."""
     output = model(tokens[:, :-1])
     logits = output.logits if hasattr(output, "logits") else output
-    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
 
 class Trainer:
@@ -106,42 +109,38 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def state_dict(self) -> dict[str, Any]:
+    def trainer_state(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the model and the optimizer."""
         return {
             "step": self.step,
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "data": self.data.train.state_dict(),
             "rng": torch.get_rng_state(),
             "fingerprint": self.fingerprint,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["fingerprint"] != self.fingerprint:
-            raise ValueError(
-                f"the checkpoint in {self.checkpoint_dir} was written by a run with another configuration; "
-                "give this run another run_name, or set train.resume=never to start it over"
-            )
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.data.train.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"])
-        self.step = state["step"]
-
     def resume_if_possible(self) -> int:
         """Load the run directory's latest checkpoint (``resume="auto"``); returns the step."""
         path = latest_checkpoint(self.checkpoint_dir) if self.settings.resume == "auto" else None
         if path is not None:
-            self.load_state_dict(load_checkpoint(path))
+            state = load_trainer_state(path)
+            if state["fingerprint"] != self.fingerprint:
+                raise ValueError(
+                    f"the checkpoint in {self.checkpoint_dir} was written by a run with another configuration; "
+                    "give this run another run_name, or set train.resume=never to start it over"
+                )
+            load_checkpoint(path, self.model, self.optimizer)
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.data.train.load_state_dict(state["data"])
+            torch.set_rng_state(state["rng"])
+            self.step = state["step"]
         self.logger.rewind(self.step)
         return self.step
 
-    def save(self) -> Path | None:
-        if self.rank != 0:
-            return None
-        return save_checkpoint(self.checkpoint_dir, self.step, self.state_dict(), keep=self.settings.keep_checkpoints)
+    def save(self) -> Path:
+        """Checkpoint the run (every rank takes part: each writes its shards)."""
+        return save_checkpoint(self.checkpoint_dir, self.step, self.model, self.optimizer, self.trainer_state(),
+                               keep=self.settings.keep_checkpoints)
 
     # ------------------------------------------------------------------ steps
 
@@ -185,7 +184,7 @@ class Trainer:
         tokens = s.batch_size * s.seq_len * s.grad_accum * self.world_size
         metrics = {
             "train/loss": mean_across_ranks(total_loss, self.world_size, self.device),
-            "train/grad_norm": float(grad_norm),
+            "train/grad_norm": float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm),
             "lr": float(lr),
             "perf/tokens_per_s": tokens / elapsed,
             "memory/params_gib": sizes["params"] / GIB,

@@ -17,7 +17,7 @@ from ..data import load_data
 from ..models import build_model
 from ..optim import FiraAdamW, FrugalAdamW, GaLoreAdamW, param_groups
 from ..param import SSTController, conversion_summary, convert
-from .distributed import init_distributed, wrap_ddp
+from .distributed import apply_fsdp2, init_distributed, local_projection_placements, wrap_ddp
 from .logger import RunLogger
 from .loop import Trainer, TrainSettings
 from .schedule import build_scheduler
@@ -56,10 +56,14 @@ def build_optimizer(spec: Mapping[str, Any], model: nn.Module) -> torch.optim.Op
     return OPTIMIZERS[name](param_groups(model, target_modules=target_modules, **spec), **kwargs)
 
 
-def fingerprint(config: Mapping[str, Any]) -> str:
-    """A hash of what determines a run's numbers (everything but logging, cadence and resume)."""
-    relevant = {k: v for k, v in config.items() if k not in ("logger", "run_name", "sweep_name", "output_root")}
+def fingerprint(config: Mapping[str, Any], world_size: int = 1) -> str:
+    """A hash of what determines a run's numbers: everything but logging, cadence, resume and how
+    the processes share the work (so a run may resume at another world size with the same global
+    batch, and from DDP to FSDP2)."""
+    ignored = ("logger", "run_name", "sweep_name", "output_root", "distributed")
+    relevant = {k: v for k, v in config.items() if k not in ignored}
     relevant["train"] = {k: v for k, v in config["train"].items() if k not in _NOT_FINGERPRINTED}
+    relevant["train"]["batch_size"] = config["train"]["batch_size"] * world_size  # the global batch
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -97,18 +101,29 @@ def build_trainer(config: Mapping[str, Any], run_dir: str | os.PathLike) -> Trai
         convert(model, kind, seed=config["seed"], **param_cfg)
         if rank == 0:
             print(conversion_summary(model))
-    dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp64": torch.float64}.get(settings.precision, torch.float32)
     model.to(device=device, dtype=dtype)
+    strategy = dict(config.get("distributed") or {"strategy": "ddp"})
+    fsdp = world_size > 1 and strategy.pop("strategy") == "fsdp2"
+    if fsdp:
+        if kind == "sst":
+            raise ValueError("param=sst does not run under FSDP2 (its controller moves whole singular vectors "
+                             "between frozen and trained storage): use distributed=ddp")
+        left_on_dim1 = strategy.pop("shard_left_on_dim1", True)
+        placements = local_projection_placements(model, config["optimizer"], world_size) if left_on_dim1 else {}
+        apply_fsdp2(model, world_size, device, placements=placements, **strategy)
     optimizer = build_optimizer(config["optimizer"], model)
     after_step = [SSTController(model, optimizer, seed=config["seed"], **controller_options).step] if kind == "sst" else []
-    model = wrap_ddp(model, device, world_size)
+    if not fsdp:
+        model = wrap_ddp(model, device, world_size)
     scheduler = build_scheduler(optimizer, total_steps=settings.steps, warmup_steps=settings.warmup_steps,
                                 min_lr_ratio=settings.min_lr_ratio, cycle_length=settings.cycle_length)
     logger_cfg = dict(config["logger"])
     wandb = None if logger_cfg.pop("kind") == "none" else logger_cfg
     logger = RunLogger(run_dir, config["run_name"], dict(config), wandb=wandb, enabled=rank == 0)
     trainer = Trainer(model, optimizer, scheduler, data, settings, run_dir, logger, device=device,
-                      fingerprint=fingerprint(config), rank=rank, world_size=world_size, after_step=after_step)
+                      fingerprint=fingerprint(config, world_size), rank=rank, world_size=world_size,
+                      after_step=after_step)
     start = trainer.resume_if_possible()
     if start and rank == 0:
         print(f"resuming {config['run_name']} from step {start} ({trainer.checkpoint_dir})")

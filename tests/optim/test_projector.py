@@ -5,6 +5,7 @@ import torch
 
 from lrtrain.optim.projector import (
     add_project_back_,
+    canonical_signs_,
     coordinate_basis,
     initial_seed,
     next_seed,
@@ -168,3 +169,16 @@ def test_randomized_warm_start_tracks_a_drifting_subspace():
 def test_randomized_basis_of_a_zero_gradient_is_orthonormal():
     q = randomized_basis(torch.zeros(30, 20, dtype=F64), 5, previous=None, seed=0, oversample=4, power_iters=2)
     assert torch.isfinite(q).all() and _orthonormal_error(q, "right") < 1e-12
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_canonical_signs_make_the_basis_a_function_of_the_subspace(side):
+    g = _decaying(40, 30, decay=5.0)
+    basis = canonical_signs_(svd_basis(g, 6, side), side)
+    vectors = basis if side == "right" else basis.T
+    assert (vectors.gather(1, vectors.abs().argmax(1, keepdim=True)) > 0).all()
+    flipped = basis.clone()
+    (flipped if side == "right" else flipped.T)[[1, 4]] *= -1  # what another LAPACK pivot order returns
+    assert torch.equal(canonical_signs_(flipped, side), basis)
+    nearby = canonical_signs_(svd_basis(g + 1e-13 * torch.randn_like(g), 6, side), side)
+    torch.testing.assert_close(nearby, basis, rtol=0, atol=1e-9)

@@ -2,13 +2,14 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from lrtrain.memory import PeakMemory, TensorMemoryTracker, module_bytes
 from lrtrain.train import RunLogger, build_scheduler, latest_checkpoint, load_checkpoint, save_checkpoint, warmup_cosine
-from lrtrain.train.checkpoint import checkpoints
+from lrtrain.train.checkpoint import checkpoints, load_trainer_state
 
 
 def test_warmup_cosine_shape():
@@ -42,27 +43,50 @@ def test_scheduler_drives_the_optimizer_lr():
         build_scheduler(opt, total_steps=10, warmup_steps=1, min_lr_ratio=0.0)
 
 
+def _model_and_optimizer(seed):
+    from lrtrain.optim import GaLoreAdamW
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Linear(9, 4))
+    groups = [{"params": [model[0].bias, model[1].bias]},
+              {"params": [model[0].weight, model[1].weight], "rank": 2, "update_proj_gap": 2}]
+    opt = GaLoreAdamW(groups, lr=1e-2)
+    for _ in range(3):
+        model(torch.randn(5, 6)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
 def test_checkpoints_roundtrip_and_keep(tmp_path):
+    model, opt = _model_and_optimizer(0)
     for step in (3, 10, 7):
-        save_checkpoint(tmp_path, step, {"step": step, "w": torch.full((3,), float(step)), "meta": {"a": [1, 2]}},
-                        keep=2)
-    assert [p.name for p in checkpoints(tmp_path)] == ["step-00000007.pt", "step-00000010.pt"]
-    state = load_checkpoint(latest_checkpoint(tmp_path))
-    assert state["step"] == 10 and torch.equal(state["w"], torch.full((3,), 10.0)) and state["meta"] == {"a": [1, 2]}
+        save_checkpoint(tmp_path, step, model, opt, {"step": step, "meta": {"a": [1, 2]}}, keep=2)
+    assert [p.name for p in checkpoints(tmp_path)] == ["step-00000007", "step-00000010"]
+    fresh, fresh_opt = _model_and_optimizer(1)
+    load_checkpoint(latest_checkpoint(tmp_path), fresh, fresh_opt)
+    assert load_trainer_state(latest_checkpoint(tmp_path)) == {"step": 10, "meta": {"a": [1, 2]}}
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)
+        for key, value in opt.state[p].items():
+            assert torch.equal(fresh_opt.state[q][key], value), key
+            assert fresh_opt.state[q][key].dtype == value.dtype
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    save_checkpoint(tmp_path, 1, {"w": torch.ones(4)})
+    model, opt = _model_and_optimizer(0)
+    save_checkpoint(tmp_path, 1, model, opt, {"step": 1})
+    import torch.distributed.checkpoint as dcp
 
-    def crash(obj, handle, *args, **kwargs):
-        handle.write(b"partial")
+    def crash(state, checkpoint_id):
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(dcp, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(tmp_path, 2, {"w": torch.zeros(4)})
-    assert latest_checkpoint(tmp_path).name == "step-00000001.pt"  # the half-written file is never a checkpoint
-    assert torch.equal(load_checkpoint(latest_checkpoint(tmp_path))["w"], torch.ones(4))
+        save_checkpoint(tmp_path, 2, model, opt, {"step": 2})
+    assert latest_checkpoint(tmp_path).name == "step-00000001"  # the half-written one is never a checkpoint
+    assert load_trainer_state(latest_checkpoint(tmp_path)) == {"step": 1}
 
 
 def test_tracker_counts_live_storages_exactly():
