@@ -2,9 +2,10 @@
 and measured peaks.
 
 Categories follow the state keys lrtrain's optimizers (and torch.optim's Adam family) use:
-``exp_avg``/``exp_avg_sq`` are moments, ``basis`` is the projection basis (a float matrix, or the
-int64 indices of a coordinate subspace), everything else (step counters, seeds, limiter norms,
-flags) is "other". Sharded (DTensor) state counts the local shard: the bytes this rank holds.
+``exp_avg``/``exp_avg_sq`` (with their 8-bit block scales) and bitsandbytes' ``state1``/``state2``
+are moments, ``basis`` is the projection basis (a float matrix, or the int64 indices of a
+coordinate subspace), everything else (step counters, seeds, limiter norms, flags, quantization
+maps) is "other". Sharded (DTensor) state counts the local shard: the bytes this rank holds.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-STATE_CATEGORIES = {"exp_avg": "moments", "exp_avg_sq": "moments", "basis": "basis"}
+STATE_CATEGORIES = {"exp_avg": "moments", "exp_avg_sq": "moments", "basis": "basis",
+                    "exp_avg_absmax": "moments", "exp_avg_sq_absmax": "moments",  # 8-bit block scales
+                    "state1": "moments", "state2": "moments", "absmax1": "moments", "absmax2": "moments"}  # bitsandbytes
 
 
 def tensor_bytes(tensor: Tensor) -> int:

@@ -47,9 +47,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from ..distributed import MatrixShards, local, matrix_shards
+from .quantized import float_moments, init_moments, moment_chunks, zero_moments_
 from .projector import (
     PROJ_METHODS,
     PROJ_TYPES,
@@ -92,6 +94,7 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "oversample": 8,
     "power_iters": 2,
     "basis_signs": "lapack",
+    "state_bits": 32,
 }
 #: Keys whose presence makes a group a subspace group (never defaults).
 MARKER_KEYS = ("rank", "density")
@@ -101,7 +104,7 @@ ALIASES = {"alpha": "scale", "state_free": "residual"}
 #: known, so never taken for misspellings.
 _OTHER_GROUP_KEYS = {"params", "param_names", "initial_lr", "block_cursor"}
 #: State entries that keep their saved dtype on load (torch casts floating state to the param dtype).
-_KEEP_DTYPE = {"basis", "seed", "limiter_norm", "active"}
+_KEEP_DTYPE = {"basis", "seed", "limiter_norm", "active", "exp_avg_absmax", "exp_avg_sq_absmax"}
 _ON_CPU = {"step", "seed"}
 
 
@@ -156,15 +159,20 @@ def adam_step_size(lr: float, step: float, group: dict) -> float:
 def adamw_(param: Tensor, grad: Tensor, state: dict, group: dict, lr_scale: float = 1.0) -> None:
     """One AdamW step on a whole tensor; with adam_style="torch" these are torch.optim.AdamW's ops
     (its single-tensor path), so the numbers are identical. Adam uses lr·lr_scale, the decoupled
-    decay the group's lr (FRUGAL's rule for its scaled groups)."""
+    decay the group's lr (FRUGAL's rule for its scaled groups). 8-bit moments are updated chunk by
+    chunk (:func:`lrtrain.optim.quantized.moment_chunks`)."""
     lr, wd = float(group["lr"]), group["weight_decay"]
     decay_first = group["adam_style"] == "torch"
-    param, grad, exp_avg = local(param), local(grad), local(state["exp_avg"])  # elementwise: shards suffice
+    param, grad = local(param), local(grad)  # elementwise: shards suffice
     if wd and decay_first:
         param.mul_(1.0 - lr * wd)
     step = float(state["step"].add_(1.0))
-    denom = adam_denominator_(exp_avg, local(state["exp_avg_sq"]), grad, step, group)
-    param.addcdiv_(exp_avg, denom, value=-adam_step_size(lr * lr_scale, step, group))
+    step_size = adam_step_size(lr * lr_scale, step, group)
+    for exp_avg, exp_avg_sq, elements in moment_chunks(state):
+        p, g = (param, grad) if elements is None else (param.view(-1)[elements], grad.reshape(-1)[elements])
+        exp_avg, exp_avg_sq = local(exp_avg), local(exp_avg_sq)
+        g = g.to(exp_avg.dtype)  # dequantized 8-bit moments are float32, also for bf16 parameters
+        p.addcdiv_(exp_avg, adam_denominator_(exp_avg, exp_avg_sq, g, step, group), value=-step_size)
     if wd and not decay_first:
         param.mul_(1.0 - lr * wd)
 
@@ -258,6 +266,13 @@ def validate_options(group: dict) -> None:
     _check_choice("block_order", group["block_order"], BLOCK_ORDERS)
     _check_choice("on_nonfinite", group["on_nonfinite"], ON_NONFINITE)
     _check_choice("basis_signs", group["basis_signs"], BASIS_SIGNS)
+    _check_choice("state_bits", group["state_bits"], (32, 8))
+    if group["state_bits"] == 8:
+        try:
+            import bitsandbytes.functional  # noqa: F401
+        except ImportError as err:
+            raise ValueError("state_bits=8 stores moments with bitsandbytes: pip install bitsandbytes "
+                             "(or lrtrain[bnb])") from err
 
 
 def _validate_marker(group: dict) -> None:
@@ -359,9 +374,17 @@ class SubspaceAdamW(Optimizer):
         super().add_param_group(group)
         group = self.param_groups[-1]
         validate_options(group)
+        self._validate_state_bits(group)
         if is_projected(group):
             _validate_marker(group)
             self._validate_projected_params(group)
+
+    def _validate_state_bits(self, group: dict) -> None:
+        if group["state_bits"] == 8 and any(isinstance(p, DTensor) for p in group["params"]):
+            raise ValueError(
+                "state_bits=8 with sharded (FSDP2) parameters: the block scales would depend on how the tensor is "
+                "split, so checkpoints could not reshard; use state_bits=32 with FSDP2, or DDP"
+            )
 
     def _validate_projected_params(self, group: dict) -> None:
         blocks = group["proj_method"] == "blocks"
@@ -409,16 +432,18 @@ class SubspaceAdamW(Optimizer):
                 group.setdefault(key, self.defaults.get(key, value))
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch.optim's load, except that the subspace state keeps its saved dtype (torch casts
-        every floating state tensor to the parameter's dtype, which would turn a float32 basis
-        into bf16 and int64 indices into floats) and ``seed`` stays on the CPU."""
+        """torch.optim's load, except that the subspace state and 8-bit moments keep their saved
+        dtype (torch casts every floating state tensor to the parameter's dtype, which would turn a
+        float32 basis into bf16, int64 indices into floats and block scales into bf16) and ``seed``
+        stays on the CPU."""
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
         ids = iter(saved_ids)
         for group in self.param_groups:
             subspace = is_projected(group) and group["proj_method"] != "blocks"
-            keep = _KEEP_DTYPE | ({"exp_avg", "exp_avg_sq"} if subspace else set())
+            own_dtype = subspace or group["state_bits"] == 8  # float32 or uint8 moments, not the param's dtype
+            keep = _KEEP_DTYPE | ({"exp_avg", "exp_avg_sq"} if own_dtype else set())
             for p in group["params"]:
                 saved = saved_state.get(next(ids), {})
                 for key in keep & saved.keys():
@@ -460,7 +485,7 @@ class SubspaceAdamW(Optimizer):
                 continue
             grad, state = self._grad(group, i, p), self.state[p]
             if not state:
-                _init_dense_state(state, p)
+                _init_dense_state(state, p, group["state_bits"])
             adamw_(p, grad, state, group)
 
     def _subspace_step(self, group: dict, first_index: int) -> None:
@@ -479,15 +504,15 @@ class SubspaceAdamW(Optimizer):
                     continue
             side = shards.view_side(side)
             basis = shards.basis_view(state["basis"], side, grad.dtype)
-            exp_avg, exp_avg_sq = shards.view(state["exp_avg"]), shards.view(state["exp_avg_sq"])
             step = float(state["step"].add_(1.0))
             low = project(grad, basis, side)
             if side == "left":
                 shards.all_reduce_(low)  # R = Σ over the ranks' rows of Pᵀ G
             # GaLore's rule never reads R again, so the denominator (and N) can take its memory.
             reuse = low if group["residual"] == "none" else None
-            denom = adam_denominator_(exp_avg, exp_avg_sq, low, step, group, out=reuse)
-            direction = torch.div(exp_avg, denom, out=denom)
+            with float_moments(state, shards.view) as (exp_avg, exp_avg_sq):
+                denom = adam_denominator_(exp_avg, exp_avg_sq, low, step, group, out=reuse)
+                direction = torch.div(exp_avg, denom, out=denom)
             weight = shards.view(p)
             work = weight if weight.dtype == grad.dtype else weight.to(grad.dtype)
             self._write_update(group, work, grad, low, direction, basis, state, side, lr,
@@ -547,12 +572,14 @@ class SubspaceAdamW(Optimizer):
         state["basis"] = basis
         if fresh:
             low_shape = low_rank_shape(shape, side, rank)
-            split = view_side == "right"  # moments split like the weight when its rows project locally
-            state["exp_avg"] = shards.zeros(low_shape, split=split, dtype=grad.dtype, device=grad.device)
-            state["exp_avg_sq"] = shards.zeros(low_shape, split=split, dtype=grad.dtype, device=grad.device)
+            if group["state_bits"] == 8:
+                init_moments(state, torch.empty(low_shape, dtype=grad.dtype, device=grad.device), bits=8)
+            else:
+                split = view_side == "right"  # moments split like the weight when its rows project locally
+                state["exp_avg"] = shards.zeros(low_shape, split=split, dtype=grad.dtype, device=grad.device)
+                state["exp_avg_sq"] = shards.zeros(low_shape, split=split, dtype=grad.dtype, device=grad.device)
         elif group["refresh_moments"] == "reset":
-            local(state["exp_avg"]).zero_()
-            local(state["exp_avg_sq"]).zero_()
+            zero_moments_(state)
             state["step"].zero_()
         return True
 
@@ -636,12 +663,15 @@ class SubspaceAdamW(Optimizer):
             state["active"] = torch.tensor(False)
         for k in chosen:
             state = self.state[params[k]]
-            _init_dense_state(state, params[k])
+            _init_dense_state(state, params[k], group["state_bits"])
             state["active"] = torch.tensor(True)
 
 
-def _init_dense_state(state: dict, p: Tensor) -> None:
+def _init_dense_state(state: dict, p: Tensor, bits: int) -> None:
     state.setdefault("step", torch.tensor(0.0))
+    if bits == 8:
+        init_moments(state, torch.empty(p.shape, dtype=torch.float32, device=p.device), bits=8)
+        return
     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 

@@ -95,6 +95,18 @@ def steady_steps_communicate_nothing(mesh):
         print("ok steady steps")
 
 
+def eight_bit_state_refuses_split_parameters(mesh):
+    p = torch.nn.Parameter(distribute_tensor(torch.randn(16, 8), mesh, [Shard(0)]))
+    try:
+        GaLoreAdamW([p], state_bits=8)
+    except ValueError as err:
+        assert "state_bits=8 with sharded (FSDP2) parameters" in str(err), err
+    else:
+        raise AssertionError("state_bits=8 accepted a split parameter")
+    if dist.get_rank() == 0:
+        print("ok 8-bit refuses split parameters")
+
+
 def main():
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -102,6 +114,7 @@ def main():
     for label in selected:
         run_case(label, *CASES[label], mesh, dist.get_rank())
     steady_steps_communicate_nothing(mesh)
+    eight_bit_state_refuses_split_parameters(mesh)
     dist.barrier()
     dist.destroy_process_group()
 

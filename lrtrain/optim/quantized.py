@@ -1,0 +1,99 @@
+"""8-bit Adam moments: bitsandbytes' blockwise dynamic quantization, used chunk by chunk.
+
+With ``state_bits=8`` a moment tensor of at least ``MIN_8BIT_SIZE`` elements is stored as uint8
+codes (same shape) plus one float32 scale per block of ``BLOCK`` elements (``<key>_absmax``): the
+first moment with bitsandbytes' signed dynamic map, the second with its unsigned one, as
+bitsandbytes' 8-bit optimizers do. For an update the codes are dequantized ``CHUNK`` elements at a
+time into float32, updated, and quantized back, so no full-size float32 copy of a moment ever
+exists (about 4 MiB of temporaries per moment). Smaller tensors keep float32 moments.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+BLOCK = 256
+MIN_8BIT_SIZE = 4096
+CHUNK = BLOCK * 4096  # elements per dequantize -> update -> quantize round (a multiple of BLOCK)
+MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (key, signed map)
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_map(signed: bool, device: str) -> Tensor:
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.create_dynamic_map(signed=signed).to(device)
+
+
+def _quantize_into(values: Tensor, codes: Tensor, absmax: Tensor, signed: bool) -> None:
+    import bitsandbytes.functional as bnbf
+
+    bnbf.quantize_blockwise(values, code=_dynamic_map(signed, str(values.device)), absmax=absmax, out=codes,
+                            blocksize=BLOCK)
+
+
+def _dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_blockwise(codes, absmax=absmax, code=_dynamic_map(signed, str(codes.device)),
+                                     blocksize=BLOCK)
+
+
+def init_moments(state: dict, like: Tensor, bits: int) -> None:
+    """Zero moments shaped like ``like`` (float32 math dtype): 8-bit codes for large tensors."""
+    if bits == 32 or like.numel() < MIN_8BIT_SIZE:
+        state["exp_avg"] = torch.zeros_like(like)
+        state["exp_avg_sq"] = torch.zeros_like(like)
+        return
+    blocks = -(-like.numel() // BLOCK)
+    for key, signed in MOMENTS:
+        state[key] = torch.empty(like.shape, dtype=torch.uint8, device=like.device)
+        state[f"{key}_absmax"] = torch.empty(blocks, dtype=torch.float32, device=like.device)
+    zero_moments_(state)
+
+
+def zero_moments_(state: dict) -> None:
+    """Set both moments to zero, in whichever storage they have."""
+    if "exp_avg_absmax" not in state:
+        state["exp_avg"].zero_()
+        state["exp_avg_sq"].zero_()
+        return
+    for key, signed in MOMENTS:
+        zeros = torch.zeros(state[key].shape, dtype=torch.float32, device=state[key].device)
+        _quantize_into(zeros, state[key], state[f"{key}_absmax"], signed)
+
+
+def moment_chunks(state: dict) -> Iterator[tuple[Tensor, Tensor, slice | None]]:
+    """For an elementwise update: yields ``(exp_avg, exp_avg_sq, elements)`` chunk by chunk, as
+    float tensors over ``elements`` of the flattened moments, and quantizes each chunk back when the
+    loop moves on. Float32 storage is one chunk: the stored tensors, with ``elements`` None."""
+    if "exp_avg_absmax" not in state:
+        yield state["exp_avg"], state["exp_avg_sq"], None
+        return
+    codes = {key: state[key].view(-1) for key, _ in MOMENTS}
+    numel = codes["exp_avg"].numel()
+    for start in range(0, numel, CHUNK):
+        elements = slice(start, min(start + CHUNK, numel))
+        blocks = slice(start // BLOCK, -(-elements.stop // BLOCK))
+        m, v = (_dequantize(codes[key][elements], state[f"{key}_absmax"][blocks], signed) for key, signed in MOMENTS)
+        yield m, v, elements
+        for (key, signed), values in zip(MOMENTS, (m, v)):
+            _quantize_into(values, codes[key][elements], state[f"{key}_absmax"][blocks], signed)
+
+
+@contextmanager
+def float_moments(state: dict, view: Callable[[Tensor], Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
+    """Both moments whole, as float tensors (seen through ``view``), for updates that need their
+    shape (the low-rank moments of a subspace, which are small); 8-bit ones are written back on exit."""
+    if "exp_avg_absmax" not in state:
+        yield view(state["exp_avg"]), view(state["exp_avg_sq"])
+        return
+    m, v = (_dequantize(state[key], state[f"{key}_absmax"], signed) for key, signed in MOMENTS)
+    yield view(m), view(v)
+    for (key, signed), values in zip(MOMENTS, (m, v)):
+        _quantize_into(values, state[key], state[f"{key}_absmax"], signed)

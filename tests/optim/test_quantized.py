@@ -1,0 +1,155 @@
+"""8-bit moments (state_bits=8): bytes, accuracy against 32-bit and against bitsandbytes' own
+8-bit AdamW, chunked updates, resume."""
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+
+from lrtrain.memory import state_bytes
+from lrtrain.optim import FiraAdamW, FrugalAdamW, GaLoreAdamW, param_groups
+from lrtrain.optim import quantized
+from tests.conftest import TinyLM
+
+
+def _blocks(n):
+    return -(-n // quantized.BLOCK)
+
+
+def test_state_bytes_are_a_quarter_plus_block_scales():
+    big, small = torch.nn.Parameter(torch.randn(300, 200)), torch.nn.Parameter(torch.randn(50, 40))
+    opt = GaLoreAdamW([{"params": [big, small]}], state_bits=8)
+    big.grad, small.grad = torch.randn_like(big), torch.randn_like(small)
+    opt.step()
+    assert opt.state[big]["exp_avg"].dtype == torch.uint8 and opt.state[small]["exp_avg"].dtype == torch.float32
+    expected = 2 * (300 * 200 + 4 * _blocks(300 * 200)) + 2 * 50 * 40 * 4  # big: 8-bit; small (< 4096): fp32
+    assert state_bytes(opt)["moments"] == expected
+    assert 2 * (300 * 200 + 4 * _blocks(300 * 200)) < 0.26 * 2 * 4 * 300 * 200  # a quarter, plus 1.6 % of scales
+
+
+def test_subspace_moments_in_8_bit():
+    w = torch.nn.Parameter(torch.randn(600, 120))
+    opt = GaLoreAdamW([{"params": [w], "rank": 40, "update_proj_gap": 3}], state_bits=8)
+    for _ in range(4):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    state = opt.state[w]
+    assert state["exp_avg"].shape == (600, 40) and state["exp_avg"].dtype == torch.uint8
+    assert state["exp_avg_absmax"].shape == (_blocks(600 * 40),) and state["basis"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, FiraAdamW, FrugalAdamW])
+def test_8_bit_trains_like_32_bit(cls):
+    """Same model, data and seed: the 8-bit run's losses stay within 2 % of the 32-bit run's."""
+    batches = [torch.randint(0, 32, (8, 12))] * 30  # one batch, memorised
+    losses = {}
+    for bits in (32, 8):
+        torch.manual_seed(0)
+        model = TinyLM(dim=128, hidden=512)  # up_proj's moments: 512 x 16 = 8192 elements, 8-bit
+        opt = cls(param_groups(model, rank=16, update_proj_gap=10), lr=3e-3, state_bits=bits)
+        trace = []
+        for tokens in batches:
+            loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            trace.append(loss.item())
+        losses[bits] = torch.tensor(trace)
+        if bits == 8:
+            up = model.layers[0].mlp["up_proj"].weight
+            assert opt.state[up]["exp_avg"].dtype == torch.uint8  # the subspace moments are 8-bit here
+    assert losses[8][-1] < losses[8][0] - 1.0
+    assert ((losses[8] - losses[32]).abs() / losses[32]).max() < 0.02
+
+
+def test_dense_8_bit_is_close_to_bitsandbytes_adamw8bit():
+    """FRUGAL's plain groups use torch's AdamW formula; with 8-bit moments they track bitsandbytes'
+    AdamW8bit (the same dynamic maps and 256-element blocks)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import bitsandbytes as bnb
+    torch.manual_seed(1)
+    ours = torch.nn.Parameter(torch.randn(256, 96))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    opt_ours = FrugalAdamW([ours], lr=1e-2, weight_decay=0.0, state_bits=8)
+    opt_theirs = bnb.optim.AdamW8bit([theirs], lr=1e-2, weight_decay=0.0)
+    start = ours.detach().clone()
+    for _ in range(10):
+        g = torch.randn_like(ours)
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    moved = (ours - start).abs().mean()
+    assert (ours - theirs).abs().mean() < 0.02 * moved
+
+
+def test_chunked_updates_equal_one_chunk(monkeypatch):
+    """A tensor larger than CHUNK is updated chunk by chunk, bit for bit as in one piece."""
+    results = []
+    for chunk in (quantized.BLOCK * 16, 10**9):
+        monkeypatch.setattr(quantized, "CHUNK", chunk)
+        torch.manual_seed(2)
+        p = torch.nn.Parameter(torch.randn(97, 301))  # 29197 elements: 8 chunks, the last one partial
+        opt = GaLoreAdamW([p], lr=1e-2, state_bits=8)
+        for _ in range(3):
+            p.grad = torch.randn_like(p)
+            opt.step()
+        results.append((p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq_absmax"].clone()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_8_bit_resume_is_bit_exact_and_keeps_dtypes():
+    torch.manual_seed(3)
+    model = TinyLM(dim=128, hidden=512).to(torch.bfloat16)  # the 32 x 128 embedding: 4096 elements, 8-bit
+    batches = [torch.randint(0, 32, (4, 10)) for _ in range(8)]
+
+    def train(m, o, data):
+        for tokens in data:
+            loss = torch.nn.functional.cross_entropy(m(tokens[:, :-1]).flatten(0, 1).float(), tokens[:, 1:].flatten())
+            o.zero_grad()
+            loss.backward()
+            o.step()
+
+    opt = FrugalAdamW(param_groups(model, rank=16, update_proj_gap=3, proj_method="coordinates"), state_bits=8)
+    train(model, opt, batches[:5])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    copy_model = copy.deepcopy(model)
+    copy_model.load_state_dict(saved["model"])
+    copy_opt = FrugalAdamW(param_groups(copy_model, rank=16, update_proj_gap=3, proj_method="coordinates"), state_bits=8)
+    copy_opt.load_state_dict(saved["optim"])
+    emb = copy_model.embed_tokens.weight
+    assert copy_opt.state[emb]["exp_avg"].dtype == torch.uint8
+    assert copy_opt.state[emb]["exp_avg_absmax"].dtype == torch.float32  # not cast to the bf16 parameter
+    train(model, opt, batches[5:])
+    train(copy_model, copy_opt, batches[5:])
+    for p, q in zip(model.parameters(), copy_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_8_bit_blocks_and_reset():
+    params = [torch.nn.Parameter(torch.randn(80, 70)) for _ in range(4)]
+    opt = FrugalAdamW([{"params": params, "density": 0.5, "proj_method": "blocks", "update_proj_gap": 2}],
+                      state_bits=8)
+    for _ in range(5):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    active = [p for p in params if bool(opt.state[p]["active"])]
+    assert len(active) == 2 and all(opt.state[p]["exp_avg"].dtype == torch.uint8 for p in active)
+    w = torch.nn.Parameter(torch.randn(300, 100))
+    opt = FrugalAdamW([{"params": [w], "rank": 50, "update_proj_gap": 2}], state_bits=8)  # reset at refreshes
+    for _ in range(3):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    assert int(opt.state[w]["step"]) == 1  # reset at the refresh of step 3, then one step
+
+
+def test_bad_state_bits():
+    with pytest.raises(ValueError, match="state_bits must be one of"):
+        GaLoreAdamW([torch.nn.Parameter(torch.randn(3, 3))], state_bits=4)
