@@ -4,12 +4,14 @@ from .fira import FiraAdamW
 from .frugal import FrugalAdamW
 from .galore import GaLoreAdamW
 from .groups import describe, param_groups
+from .layerwise import LayerwiseUpdates
 from .subspace import SubspaceAdamW
 
 __all__ = [
     "FiraAdamW",
     "FrugalAdamW",
     "GaLoreAdamW",
+    "LayerwiseUpdates",
     "SubspaceAdamW",
     "describe",
     "param_groups",

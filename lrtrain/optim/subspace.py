@@ -104,7 +104,7 @@ ALIASES = {"alpha": "scale", "state_free": "residual"}
 #: known, so never taken for misspellings.
 _OTHER_GROUP_KEYS = {"params", "param_names", "initial_lr", "block_cursor"}
 #: State entries that keep their saved dtype on load (torch casts floating state to the param dtype).
-_KEEP_DTYPE = {"basis", "seed", "limiter_norm", "active", "exp_avg_absmax", "exp_avg_sq_absmax"}
+_KEEP_DTYPE = {"basis", "seed", "limiter_norm", "active", "exp_avg_absmax", "exp_avg_sq_absmax", "low_rank_grad"}
 _ON_CPU = {"step", "seed"}
 
 
@@ -364,6 +364,7 @@ class SubspaceAdamW(Optimizer):
             **options,
         }
         validate_options(defaults)
+        self._positions: dict[int, tuple[int, int, int]] = {}  # id(param) -> (group, position, index)
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- groups
@@ -461,14 +462,65 @@ class SubspaceAdamW(Optimizer):
                 loss = closure()
         first_index = 0  # position of the group's first parameter in the optimizer: seeds use it
         for group in self.param_groups:
-            if not is_projected(group):
-                self._dense_step(group)
-            elif group["proj_method"] == "blocks":
+            if is_projected(group) and group["proj_method"] == "blocks":
                 self._block_step(group, first_index)
             else:
-                self._subspace_step(group, first_index)
+                for i, p in enumerate(group["params"]):
+                    if p.grad is not None:
+                        self._step_param(group, i, first_index + i, p)
             first_index += len(group["params"])
         return loss
+
+    @torch.no_grad()
+    def step_param(self, p: Tensor) -> None:
+        """Update ``p`` alone from its gradient, exactly as :meth:`step` updates it (for layer-wise
+        updates: :class:`lrtrain.optim.LayerwiseUpdates`). FRUGAL's block mode chooses tensors per
+        group and has no per-parameter step."""
+        group, i, index = self._locate(p)
+        if is_projected(group) and group["proj_method"] == "blocks":
+            raise ValueError("proj_method='blocks' reselects whole tensors per group; it has no per-parameter step")
+        if p.grad is not None:
+            self._step_param(group, i, index, p)
+
+    @torch.no_grad()
+    def accumulate_low_rank_(self, p: Tensor) -> bool:
+        """Fold ``p``'s gradient into its projected accumulator (``state["low_rank_grad"]``, added to
+        the next step's R) and free the full gradient; True if done. Only where the update needs
+        nothing but R (the GaLore rule, ``residual="none"``), the basis exists and the next step is
+        not a refresh (a refresh needs the whole accumulated gradient), on an unsplit parameter."""
+        group, _, _ = self._locate(p)
+        state = self.state.get(p, {})
+        if (p.grad is None or not is_projected(group) or group["proj_method"] == "blocks"
+                or group["residual"] != "none" or "basis" not in state or isinstance(p, DTensor)
+                or int(state["step"]) % group["update_proj_gap"] == 0):
+            return False
+        side, _ = param_layout(tuple(p.shape), group)
+        low = project(p.grad.to(compute_dtype(p.dtype)), state["basis"], side)
+        pending = state.get("low_rank_grad")
+        state["low_rank_grad"] = low if pending is None else pending.add_(low)
+        p.grad = None
+        return True
+
+    def _locate(self, p: Tensor) -> tuple[dict, int, int]:
+        """(group, position in the group, position in the optimizer) of a parameter."""
+        key = id(p)
+        if key not in self._positions:
+            self._positions.clear()
+            index = 0
+            for g, group in enumerate(self.param_groups):
+                for i, q in enumerate(group["params"]):
+                    self._positions[id(q)] = (g, i, index + i)
+                index += len(group["params"])
+            if key not in self._positions:
+                raise ValueError("the parameter is not in this optimizer")
+        g, i, index = self._positions[key]
+        return self.param_groups[g], i, index
+
+    def _step_param(self, group: dict, i: int, index: int, p: Tensor) -> None:
+        if is_projected(group):
+            self._subspace_param(group, i, index, p)
+        else:
+            self._dense_param(group, i, p)
 
     def _grad(self, group: dict, index: int, p: Tensor) -> Tensor:
         grad = p.grad
@@ -479,46 +531,42 @@ class SubspaceAdamW(Optimizer):
             )
         return grad
 
-    def _dense_step(self, group: dict) -> None:
-        for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            grad, state = self._grad(group, i, p), self.state[p]
-            if not state:
-                _init_dense_state(state, p, group["state_bits"])
-            adamw_(p, grad, state, group)
+    def _dense_param(self, group: dict, i: int, p: Tensor) -> None:
+        grad, state = self._grad(group, i, p), self.state[p]
+        if not state:
+            _init_dense_state(state, p, group["state_bits"])
+        adamw_(p, grad, state, group)
 
-    def _subspace_step(self, group: dict, first_index: int) -> None:
+    def _subspace_param(self, group: dict, i: int, index: int, p: Tensor) -> None:
         lr = float(group["lr"])
-        for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            shards = matrix_shards(p)
-            grad = shards.view(self._grad(group, i, p)).to(compute_dtype(p.dtype))  # this rank's rows (m_local, n)
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-            side, rank = param_layout(tuple(p.shape), group)
-            if "basis" not in state or int(state["step"]) % group["update_proj_gap"] == 0:
-                if not self._refresh(group, i, first_index + i, p, grad, state, side, rank, shards):
-                    continue
-            side = shards.view_side(side)
-            basis = shards.basis_view(state["basis"], side, grad.dtype)
-            step = float(state["step"].add_(1.0))
-            low = project(grad, basis, side)
-            if side == "left":
-                shards.all_reduce_(low)  # R = Σ over the ranks' rows of Pᵀ G
-            # GaLore's rule never reads R again, so the denominator (and N) can take its memory.
-            reuse = low if group["residual"] == "none" else None
-            with float_moments(state, shards.view) as (exp_avg, exp_avg_sq):
-                denom = adam_denominator_(exp_avg, exp_avg_sq, low, step, group, out=reuse)
-                direction = torch.div(exp_avg, denom, out=denom)
-            weight = shards.view(p)
-            work = weight if weight.dtype == grad.dtype else weight.to(grad.dtype)
-            self._write_update(group, work, grad, low, direction, basis, state, side, lr,
-                               adam_step_size(lr, step, group), shards)
-            if work is not weight:
-                weight.copy_(work)
+        shards = matrix_shards(p)
+        grad = shards.view(self._grad(group, i, p)).to(compute_dtype(p.dtype))  # this rank's rows (m_local, n)
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+        side, rank = param_layout(tuple(p.shape), group)
+        if "basis" not in state or int(state["step"]) % group["update_proj_gap"] == 0:
+            if not self._refresh(group, i, index, p, grad, state, side, rank, shards):
+                return
+        side = shards.view_side(side)
+        basis = shards.basis_view(state["basis"], side, grad.dtype)
+        step = float(state["step"].add_(1.0))
+        low = project(grad, basis, side)
+        if "low_rank_grad" in state:  # earlier micro-batches, folded in by accumulate_low_rank_
+            low.add_(state.pop("low_rank_grad"))
+        if side == "left":
+            shards.all_reduce_(low)  # R = Σ over the ranks' rows of Pᵀ G
+        # GaLore's rule never reads R again, so the denominator (and N) can take its memory.
+        reuse = low if group["residual"] == "none" else None
+        with float_moments(state, shards.view) as (exp_avg, exp_avg_sq):
+            denom = adam_denominator_(exp_avg, exp_avg_sq, low, step, group, out=reuse)
+            direction = torch.div(exp_avg, denom, out=denom)
+        weight = shards.view(p)
+        work = weight if weight.dtype == grad.dtype else weight.to(grad.dtype)
+        self._write_update(group, work, grad, low, direction, basis, state, side, lr,
+                           adam_step_size(lr, step, group), shards)
+        if work is not weight:
+            weight.copy_(work)
 
     @staticmethod
     def _write_update(group, weight, grad, low, direction, basis, state, side, lr, step_size, shards) -> None:

@@ -51,6 +51,7 @@ class TrainSettings:
     resume: str = "auto"
     track_memory: bool = True
     progress: bool = True
+    layerwise: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
@@ -93,16 +94,20 @@ class Trainer:
     ``rank``/``world_size`` select this process's rows of every global batch; ``model`` may be
     wrapped in DDP (its ``module`` is what gets checkpointed); metrics are averaged over ranks.
     ``after_step`` callables run after every optimizer step (e.g. :class:`lrtrain.param.SSTController`).
+    ``layerwise``: a :class:`lrtrain.optim.LayerwiseUpdates` that steps the parameters inside the
+    backward pass of the last micro-batch (clipping with the previous step's norm).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data, settings: TrainSettings,
                  run_dir: str | Path, logger: RunLogger, *, device: torch.device, fingerprint: str = "",
-                 rank: int = 0, world_size: int = 1, after_step: Sequence[Callable[[], None]] = ()):
+                 rank: int = 0, world_size: int = 1, after_step: Sequence[Callable[[], None]] = (),
+                 layerwise=None):
         self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
         self.settings, self.logger, self.device = settings, logger, device
         self.run_dir, self.fingerprint = Path(run_dir), fingerprint
         self.rank, self.world_size = rank, world_size
         self.after_step = list(after_step)
+        self.layerwise = layerwise
         self.module = getattr(model, "module", model)  # the model inside a DDP wrapper
         self.step = 0
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -166,15 +171,20 @@ class Trainer:
                 # DDP averages gradients on the last micro-batch only
                 sync = self.world_size == 1 or i == len(batches) - 1
                 with contextlib.nullcontext() if sync else self.model.no_sync():
-                    with self._autocast():
-                        loss = causal_lm_loss(self.model, self._local_rows(batch)) / s.grad_accum
-                    loss.backward()
+                    with self.layerwise.micro_batch(i) if self.layerwise else contextlib.nullcontext():
+                        with self._autocast():
+                            loss = causal_lm_loss(self.model, self._local_rows(batch)) / s.grad_accum
+                        loss.backward()  # with layer-wise updates, the last one also steps the optimizer
                 total_loss += loss.item()
-            max_norm = s.grad_clip if s.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-            sizes = module_bytes(self.module)
             lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.step()
+            if self.layerwise:
+                grad_norm = self.layerwise.last_grad_norm
+                sizes = module_bytes(self.module)
+            else:
+                max_norm = s.grad_clip if s.grad_clip > 0 else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+                sizes = module_bytes(self.module)
+                self.optimizer.step()
             for hook in self.after_step:
                 hook()
             self.scheduler.step()

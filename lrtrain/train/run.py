@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data import load_data
 from ..models import build_model
-from ..optim import FiraAdamW, FrugalAdamW, GaLoreAdamW, param_groups
+from ..optim import FiraAdamW, FrugalAdamW, GaLoreAdamW, LayerwiseUpdates, param_groups
 from ..param import SSTController, conversion_summary, convert
 from .distributed import apply_fsdp2, init_distributed, local_projection_placements, wrap_ddp
 from .logger import RunLogger
@@ -114,8 +114,15 @@ def build_trainer(config: Mapping[str, Any], run_dir: str | os.PathLike) -> Trai
         apply_fsdp2(model, world_size, device, placements=placements, **strategy)
     optimizer = build_optimizer(config["optimizer"], model)
     after_step = [SSTController(model, optimizer, seed=config["seed"], **controller_options).step] if kind == "sst" else []
+    layerwise = None
+    if settings.layerwise:
+        if fsdp:
+            raise ValueError("train.layerwise=true runs under DDP or in one process; not with distributed=fsdp2")
+        layerwise = LayerwiseUpdates(optimizer, settings.grad_accum, settings.grad_clip or None, ddp=world_size > 1)
     if not fsdp:
         model = wrap_ddp(model, device, world_size)
+        if layerwise is not None and world_size > 1:
+            layerwise.attach_ddp(model)
     scheduler = build_scheduler(optimizer, total_steps=settings.steps, warmup_steps=settings.warmup_steps,
                                 min_lr_ratio=settings.min_lr_ratio, cycle_length=settings.cycle_length)
     logger_cfg = dict(config["logger"])
@@ -123,7 +130,7 @@ def build_trainer(config: Mapping[str, Any], run_dir: str | os.PathLike) -> Trai
     logger = RunLogger(run_dir, config["run_name"], dict(config), wandb=wandb, enabled=rank == 0)
     trainer = Trainer(model, optimizer, scheduler, data, settings, run_dir, logger, device=device,
                       fingerprint=fingerprint(config, world_size), rank=rank, world_size=world_size,
-                      after_step=after_step)
+                      after_step=after_step, layerwise=layerwise)
     start = trainer.resume_if_possible()
     if start and rank == 0:
         print(f"resuming {config['run_name']} from step {start} ({trainer.checkpoint_dir})")
