@@ -109,13 +109,18 @@ class LayerwiseUpdates:
     def update(self, p: Tensor) -> None:
         """Clip (with the previous step's norm), step and free one parameter's gradient."""
         if p.grad is not None:
-            self._norm_sq += float(p.grad.to(torch.promote_types(p.grad.dtype, torch.float32)).square().sum())
+            self._norm_sq += _squared_norm(p.grad)
             if self._coef != 1.0:
                 p.grad.mul_(self._coef)
         pending = self.optimizer.state.get(p, {}).get("low_rank_grad")
         if pending is not None:
-            self._norm_sq += float(pending.square().sum())
+            self._norm_sq += _squared_norm(pending)
             if self._coef != 1.0:
                 pending.mul_(self._coef)
         self.optimizer.step_param(p)
         p.grad = None
+
+
+def _squared_norm(tensor: Tensor) -> float:
+    """‖tensor‖² accumulated in float32 or better, without a float32 copy of a bf16 gradient."""
+    return float(torch.linalg.vector_norm(tensor, dtype=torch.promote_types(tensor.dtype, torch.float32))) ** 2

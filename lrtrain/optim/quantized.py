@@ -11,6 +11,7 @@ exists (about 4 MiB of temporaries per moment). Smaller tensors keep float32 mom
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -44,28 +45,38 @@ def _dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
                                      blocksize=BLOCK)
 
 
-def init_moments(state: dict, like: Tensor, bits: int) -> None:
-    """Zero moments shaped like ``like`` (float32 math dtype): 8-bit codes for large tensors."""
-    if bits == 32 or like.numel() < MIN_8BIT_SIZE:
-        state["exp_avg"] = torch.zeros_like(like)
-        state["exp_avg_sq"] = torch.zeros_like(like)
+def init_8bit_moments(state: dict, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    """Zero moments of ``shape``: 8-bit codes and block scales, or ``dtype`` tensors below MIN_8BIT_SIZE."""
+    numel = math.prod(shape)
+    if numel < MIN_8BIT_SIZE:
+        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=device)
         return
-    blocks = -(-like.numel() // BLOCK)
     for key, signed in MOMENTS:
-        state[key] = torch.empty(like.shape, dtype=torch.uint8, device=like.device)
-        state[f"{key}_absmax"] = torch.empty(blocks, dtype=torch.float32, device=like.device)
+        state[key] = torch.empty(shape, dtype=torch.uint8, device=device)
+        state[f"{key}_absmax"] = torch.empty(-(-numel // BLOCK), dtype=torch.float32, device=device)
     zero_moments_(state)
 
 
 def zero_moments_(state: dict) -> None:
-    """Set both moments to zero, in whichever storage they have."""
+    """Set both moments to zero, in whichever storage they have (8-bit ones a chunk at a time)."""
     if "exp_avg_absmax" not in state:
         state["exp_avg"].zero_()
         state["exp_avg_sq"].zero_()
         return
-    for key, signed in MOMENTS:
-        zeros = torch.zeros(state[key].shape, dtype=torch.float32, device=state[key].device)
-        _quantize_into(zeros, state[key], state[f"{key}_absmax"], signed)
+    codes = state["exp_avg"].view(-1)
+    zeros = torch.zeros(min(CHUNK, codes.numel()), dtype=torch.float32, device=codes.device)
+    for elements, blocks in _chunks(codes.numel()):
+        for key, signed in MOMENTS:
+            _quantize_into(zeros[: elements.stop - elements.start], state[key].view(-1)[elements],
+                           state[f"{key}_absmax"][blocks], signed)
+
+
+def _chunks(numel: int) -> Iterator[tuple[slice, slice]]:
+    """``(elements, blocks)``: the slices of the flattened codes and of the block scales, CHUNK by CHUNK."""
+    for start in range(0, numel, CHUNK):
+        stop = min(start + CHUNK, numel)
+        yield slice(start, stop), slice(start // BLOCK, -(-stop // BLOCK))
 
 
 def moment_chunks(state: dict) -> Iterator[tuple[Tensor, Tensor, slice | None]]:
@@ -77,9 +88,7 @@ def moment_chunks(state: dict) -> Iterator[tuple[Tensor, Tensor, slice | None]]:
         return
     codes = {key: state[key].view(-1) for key, _ in MOMENTS}
     numel = codes["exp_avg"].numel()
-    for start in range(0, numel, CHUNK):
-        elements = slice(start, min(start + CHUNK, numel))
-        blocks = slice(start // BLOCK, -(-elements.stop // BLOCK))
+    for elements, blocks in _chunks(numel):
         m, v = (_dequantize(codes[key][elements], state[f"{key}_absmax"][blocks], signed) for key, signed in MOMENTS)
         yield m, v, elements
         for (key, signed), values in zip(MOMENTS, (m, v)):

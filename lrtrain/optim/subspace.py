@@ -51,7 +51,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from ..distributed import MatrixShards, local, matrix_shards
-from .quantized import float_moments, init_moments, moment_chunks, zero_moments_
+from .quantized import float_moments, init_8bit_moments, moment_chunks, zero_moments_
 from .projector import (
     PROJ_METHODS,
     PROJ_TYPES,
@@ -621,7 +621,7 @@ class SubspaceAdamW(Optimizer):
         if fresh:
             low_shape = low_rank_shape(shape, side, rank)
             if group["state_bits"] == 8:
-                init_moments(state, torch.empty(low_shape, dtype=grad.dtype, device=grad.device), bits=8)
+                init_8bit_moments(state, low_shape, grad.dtype, grad.device)
             else:
                 split = view_side == "right"  # moments split like the weight when its rows project locally
                 state["exp_avg"] = shards.zeros(low_shape, split=split, dtype=grad.dtype, device=grad.device)
@@ -718,7 +718,7 @@ class SubspaceAdamW(Optimizer):
 def _init_dense_state(state: dict, p: Tensor, bits: int) -> None:
     state.setdefault("step", torch.tensor(0.0))
     if bits == 8:
-        init_moments(state, torch.empty(p.shape, dtype=torch.float32, device=p.device), bits=8)
+        init_8bit_moments(state, tuple(p.shape), compute_dtype(p.dtype), p.device)
         return
     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

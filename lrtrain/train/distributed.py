@@ -53,7 +53,7 @@ def local_projection_placements(model: nn.Module, optimizer_spec: dict, world_si
     from ..optim.projector import projection_side
     from ..targets import select_linear_modules
 
-    if optimizer_spec["name"] == "adamw" or optimizer_spec.get("proj_method") == "blocks":
+    if optimizer_spec["name"] in ("adamw", "adamw8bit") or optimizer_spec.get("proj_method") == "blocks":
         return {}
     placements = {}
     for module in select_linear_modules(model, optimizer_spec.get("target_modules", ("attn", "mlp"))).values():

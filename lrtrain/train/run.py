@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -22,13 +22,23 @@ from .logger import RunLogger
 from .loop import Trainer, TrainSettings
 from .schedule import build_scheduler
 
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+def adamw8bit(params, **kwargs) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit (imported when a config names it)."""
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(params, **kwargs)
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
+    "adamw8bit": adamw8bit,
     "galore": GaLoreAdamW,
     "fira": FiraAdamW,
     "frugal": FrugalAdamW,
 }
 CONSTRUCTOR_KEYS = ("lr", "betas", "eps", "weight_decay")
+#: Subspace-optimizer options for every group, the plain one (embeddings, head, norms) included.
+OPTIMIZER_WIDE_KEYS = ("state_bits",)
 #: Keys of the sst parameterization config that drive its controller rather than its layers.
 SST_CONTROLLER_KEYS = ("sample_every", "iterations_per_round")
 #: Settings that change how a run is watched, not what it computes: they may differ on resume.
@@ -39,8 +49,8 @@ _NOT_FINGERPRINTED = {"eval_every", "eval_batches", "eval_batch_size", "log_ever
 def build_optimizer(spec: Mapping[str, Any], model: nn.Module) -> torch.optim.Optimizer:
     """An optimizer from a config such as ``configs/optimizer/galore.yaml``: ``name``, the
     constructor's ``lr``/``betas``/``eps``/``weight_decay``, and for the subspace optimizers
-    ``target_modules`` plus any param-group keys (``rank``, ``update_proj_gap``, ``scale``, ...),
-    passed to :func:`lrtrain.optim.param_groups`."""
+    ``target_modules``, ``state_bits`` (for all groups) plus any param-group keys (``rank``,
+    ``update_proj_gap``, ``scale``, ...), passed to :func:`lrtrain.optim.param_groups`."""
     spec = dict(spec)
     name = spec.pop("name")
     if name not in OPTIMIZERS:
@@ -48,10 +58,11 @@ def build_optimizer(spec: Mapping[str, Any], model: nn.Module) -> torch.optim.Op
     kwargs = {key: spec.pop(key) for key in CONSTRUCTOR_KEYS if key in spec}
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
-    if OPTIMIZERS[name] is torch.optim.AdamW:
+    if name in ("adamw", "adamw8bit"):
         if spec:
-            raise ValueError(f"optimizer keys {sorted(spec)} do not apply to adamw")
-        return torch.optim.AdamW(model.parameters(), **kwargs)
+            raise ValueError(f"optimizer keys {sorted(spec)} do not apply to {name}")
+        return OPTIMIZERS[name](model.parameters(), **kwargs)
+    kwargs.update({key: spec.pop(key) for key in OPTIMIZER_WIDE_KEYS if key in spec})
     target_modules = spec.pop("target_modules", ("attn", "mlp"))
     return OPTIMIZERS[name](param_groups(model, target_modules=target_modules, **spec), **kwargs)
 
@@ -76,21 +87,15 @@ def select_device(name: str) -> torch.device:
     return device
 
 
-def build_trainer(config: Mapping[str, Any], run_dir: str | os.PathLike) -> Trainer:
-    """Everything a run needs, from ``config`` (the resolved hydra config as plain containers),
-    resumed from ``run_dir``'s latest checkpoint when there is one (``train.resume=auto``)."""
-    settings = TrainSettings.from_mapping(dict(config["train"]))
-    torch.manual_seed(config["seed"])
-    rank, world_size, device = init_distributed(select_device(config["device"]))
-    data_cfg = dict(config["data"])
-    data = load_data(
-        data_cfg.pop("source"), seq_len=settings.seq_len, seed=config["seed"], cache_dir=data_cfg.pop("cache_dir"),
-        **data_cfg,
-    )
+def build_components(config: Mapping[str, Any], vocab_size: int, settings: TrainSettings, device: torch.device,
+                     rank: int = 0, world_size: int = 1) -> tuple[nn.Module, torch.optim.Optimizer, list, Any]:
+    """The model (parameterized, cast, wrapped for DDP or FSDP2), its optimizer, the callables to
+    run after each step (the SST controller) and the :class:`LayerwiseUpdates` driver (or None),
+    from ``config``'s ``model``, ``param``, ``optimizer`` and ``distributed`` groups."""
     model_cfg = dict(config["model"])
     model_cfg.pop("recipe", None)  # the references' values for this size, read by other configs
     model = build_model(
-        model_cfg.pop("size"), vocab_size=data.vocab_size,
+        model_cfg.pop("size"), vocab_size=vocab_size,
         max_position_embeddings=max(settings.seq_len, model_cfg.pop("max_position_embeddings", 0) or 0),
         **model_cfg,
     )
@@ -123,6 +128,22 @@ def build_trainer(config: Mapping[str, Any], run_dir: str | os.PathLike) -> Trai
         model = wrap_ddp(model, device, world_size)
         if layerwise is not None and world_size > 1:
             layerwise.attach_ddp(model)
+    return model, optimizer, after_step, layerwise
+
+
+def build_trainer(config: Mapping[str, Any], run_dir: str | os.PathLike) -> Trainer:
+    """Everything a run needs, from ``config`` (the resolved hydra config as plain containers),
+    resumed from ``run_dir``'s latest checkpoint when there is one (``train.resume=auto``)."""
+    settings = TrainSettings.from_mapping(dict(config["train"]))
+    torch.manual_seed(config["seed"])
+    rank, world_size, device = init_distributed(select_device(config["device"]))
+    data_cfg = dict(config["data"])
+    data = load_data(
+        data_cfg.pop("source"), seq_len=settings.seq_len, seed=config["seed"], cache_dir=data_cfg.pop("cache_dir"),
+        **data_cfg,
+    )
+    model, optimizer, after_step, layerwise = build_components(config, data.vocab_size, settings, device,
+                                                               rank=rank, world_size=world_size)
     scheduler = build_scheduler(optimizer, total_steps=settings.steps, warmup_steps=settings.warmup_steps,
                                 min_lr_ratio=settings.min_lr_ratio, cycle_length=settings.cycle_length)
     logger_cfg = dict(config["logger"])

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from lrtrain.memory import PeakMemory
 from lrtrain.optim import FiraAdamW, FrugalAdamW, GaLoreAdamW, LayerwiseUpdates, param_groups
+from lrtrain.optim.layerwise import _squared_norm
 from tests.conftest import TinyLM
 
 CLASSES = [GaLoreAdamW, FiraAdamW, FrugalAdamW]
@@ -160,3 +161,11 @@ def test_refusals():
     blocks = FrugalAdamW(param_groups(model, rank=None, density=0.5, proj_method="blocks"))
     with pytest.raises(ValueError, match="blocks"):
         LayerwiseUpdates(blocks)
+
+
+def test_gradient_norm_needs_no_float32_copy():
+    grad = torch.randn(512, 1024, dtype=torch.bfloat16)
+    with PeakMemory("cpu", [grad]) as peak:
+        squared = _squared_norm(grad)
+    assert squared == pytest.approx(float(grad.double().square().sum()), rel=2e-4)  # float32 accumulation
+    assert peak.bytes - 2 * grad.numel() < 1024

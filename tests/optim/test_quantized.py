@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from lrtrain.memory import state_bytes
+from lrtrain.memory import PeakMemory, state_bytes, tensor_bytes
 from lrtrain.optim import FiraAdamW, FrugalAdamW, GaLoreAdamW, param_groups
 from lrtrain.optim import quantized
 from tests.conftest import TinyLM
@@ -153,3 +153,18 @@ def test_8_bit_blocks_and_reset():
 def test_bad_state_bits():
     with pytest.raises(ValueError, match="state_bits must be one of"):
         GaLoreAdamW([torch.nn.Parameter(torch.randn(3, 3))], state_bits=4)
+
+
+def test_first_8_bit_step_allocates_no_full_float32_copy(monkeypatch):
+    """Zeroing and updating 8-bit moments work CHUNK by CHUNK: the first step of a 2^20-element
+    bf16 weight allocates its codes and scales and less than one float32 copy of it beside them."""
+    monkeypatch.setattr(quantized, "CHUNK", quantized.BLOCK * 64)
+    p = torch.nn.Parameter(torch.randn(1024, 1024, dtype=torch.bfloat16))
+    p.grad = torch.randn_like(p)
+    opt = GaLoreAdamW([p], state_bits=8)
+    with PeakMemory("cpu", [p, p.grad]) as peak:
+        opt.step()
+    codes = 2 * (p.numel() + 4 * _blocks(p.numel()))
+    assert state_bytes(opt)["moments"] == codes
+    extra = peak.bytes - 2 * tensor_bytes(p) - codes
+    assert extra < 0.1 * 4 * p.numel(), extra
