@@ -30,6 +30,9 @@ projected gradient every step. Refreshes gather the gradient (``svd``) or all-re
 sketches (``randomized``); random and coordinate bases come from seeds. Every rank ends each step
 with the same basis, step and limiter state; moments split like the parameter are DTensors.
 
+On CUDA matrices steps 2-5 run as two fused Triton kernels (``fused``; :mod:`lrtrain.kernels`);
+the torch code here is their reference and serves every other case.
+
 Groups without ``rank``/``density`` are plain AdamW in the same ``adam_style``. The state holds
 tensors only: ``step`` (0-d float32, CPU, as torch.optim), ``exp_avg``/``exp_avg_sq``, ``basis``
 (float, or int64 indices for coordinates), ``seed`` (int64), ``limiter_norm`` (Fira) and
@@ -40,7 +43,9 @@ parameter dtype, and the subspace state is kept in that dtype, also across ``loa
 from __future__ import annotations
 
 import difflib
+import functools
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -95,6 +100,7 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "power_iters": 2,
     "basis_signs": "lapack",
     "state_bits": 32,
+    "fused": None,
 }
 #: Keys whose presence makes a group a subspace group (never defaults).
 MARKER_KEYS = ("rank", "density")
@@ -189,13 +195,26 @@ def fira_update_(
     With an orthonormal basis, row i (right side; column i on the left) of the residual obeys
     ‖g_i - α·back(R)_i‖² = ‖g_i‖² - (2α - α²)·‖R_i‖², which gives ‖S‖ for the limiter; and
     φ⊙back(R) = back(φ⊙R), so the whole update is back(α(N - c⊙R)) + c⊙G with c = φ/ℓ.
-    ``low`` is R, ``direction`` is N; the limiter state is ``state["limiter_norm"]`` (0-d).
+    ``low`` is R, ``direction`` is N; c comes from :func:`fira_coefficients`.
     ``grad`` and ``weight`` may be this rank's rows of a row-split matrix: ``reduce_`` sums over
     the ranks (the squared norms of G's columns on the left; the squared norm of S on the right).
     """
+    coef = fira_coefficients(grad, low, direction, side, scale, state, gamma, reduce_)
+    coef = coef.unsqueeze(1 if side == "right" else 0)  # (m, 1) on the right, (1, n) on the left
+    add_project_back_(weight, (direction - coef * low).mul_(scale), basis, side, alpha=-step_size)
+    weight.addcmul_(coef, grad, value=-step_size)
+
+
+def fira_coefficients(
+    grad: Tensor, low: Tensor, direction: Tensor, side: str, scale: float, state: dict, gamma: float | None,
+    reduce_: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """Fira's c = φ/ℓ: per row of G (m,) on the right, per column (n,) on the left; updates the
+    limiter state (``state["limiter_norm"]``, 0-d). ``grad`` may be stored in a half type: its
+    norms accumulate in R's dtype."""
     dim = 1 if side == "right" else 0  # reduce over the rank dimension of R and N
     phi = torch.linalg.vector_norm(direction, dim=dim) / (torch.linalg.vector_norm(low, dim=dim) + 1e-8)
-    residual_sq = torch.linalg.vector_norm(grad, dim=dim).square_()
+    residual_sq = torch.linalg.vector_norm(grad, dim=dim, dtype=low.dtype).square_()
     if side == "left":
         reduce_(residual_sq)
     residual_sq.sub_(low.square().sum(dim=dim), alpha=2.0 * scale - scale * scale).clamp_(min=0.0)
@@ -206,9 +225,7 @@ def fira_update_(
         phi = phi / limiter
         residual_norm = residual_norm / limiter
     state["limiter_norm"] = residual_norm
-    coef = phi.unsqueeze(dim)  # (m, 1) on the right, (1, n) on the left
-    add_project_back_(weight, (direction - coef * low).mul_(scale), basis, side, alpha=-step_size)
-    weight.addcmul_(coef, grad, value=-step_size)
+    return phi
 
 
 def state_free_update_(
@@ -267,12 +284,35 @@ def validate_options(group: dict) -> None:
     _check_choice("on_nonfinite", group["on_nonfinite"], ON_NONFINITE)
     _check_choice("basis_signs", group["basis_signs"], BASIS_SIGNS)
     _check_choice("state_bits", group["state_bits"], (32, 8))
+    _check_choice("fused", group["fused"], (None, True, False))
+    if group["fused"]:
+        _check_fused(group)
     if group["state_bits"] == 8:
         try:
             import bitsandbytes.functional  # noqa: F401
         except ImportError as err:
             raise ValueError("state_bits=8 stores moments with bitsandbytes: pip install bitsandbytes "
                              "(or lrtrain[bnb])") from err
+
+
+def _check_fused(group: dict) -> None:
+    """fused=True: Triton must be importable, and the group's step must be one the kernels cover."""
+    if not kernels_available():
+        raise ValueError("fused=True runs lrtrain's Triton kernels: pip install triton (or lrtrain[kernels]), "
+                         "or leave fused=None (kernels where they apply) or False")
+    if group["state_bits"] != 32 or group["proj_method"] in ("coordinates", "blocks"):
+        raise ValueError(f"fused=True covers 32-bit moments and float bases; this group has state_bits="
+                         f"{group['state_bits']}, proj_method={group['proj_method']!r}: use fused=None or False")
+
+
+@functools.cache
+def kernels_available() -> bool:
+    """Whether Triton (and so lrtrain.kernels) can be imported."""
+    try:
+        import lrtrain.kernels.subspace_adam  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _validate_marker(group: dict) -> None:
@@ -330,7 +370,9 @@ class SubspaceAdamW(Optimizer):
             rank), on_nonfinite (skip | raise: what a NaN/Inf gradient at a refresh does),
             oversample (8) and power_iters (2) for proj_method="randomized", basis_signs (lapack: the
             signs the SVD returns, as galore-torch; canonical: each vector's largest entry positive,
-            so that runs agree across thread counts, devices and process layouts).
+            so that runs agree across thread counts, devices and process layouts), fused (None:
+            lrtrain's Triton kernels for CUDA matrices when Triton is installed; True: wherever they
+            apply, CPU tensors under TRITON_INTERPRET=1 included; False: the torch path only).
 
     The public classes are presets of this engine: they only change the defaults (``preset``).
     """
@@ -540,17 +582,23 @@ class SubspaceAdamW(Optimizer):
     def _subspace_param(self, group: dict, i: int, index: int, p: Tensor) -> None:
         lr = float(group["lr"])
         shards = matrix_shards(p)
-        grad = shards.view(self._grad(group, i, p)).to(compute_dtype(p.dtype))  # this rank's rows (m_local, n)
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
         side, rank = param_layout(tuple(p.shape), group)
-        if "basis" not in state or int(state["step"]) % group["update_proj_gap"] == 0:
-            if not self._refresh(group, i, index, p, grad, state, side, rank, shards):
-                return
+        refresh = "basis" not in state or int(state["step"]) % group["update_proj_gap"] == 0
+        fused = self._use_kernels(group, p, state)
+        grad = shards.view(self._grad(group, i, p))  # this rank's rows (m_local, n)
+        if refresh or not fused:  # the kernels read a half-precision gradient as it is
+            grad = grad.to(compute_dtype(p.dtype))
+        if refresh and not self._refresh(group, i, index, p, grad, state, side, rank, shards):
+            return
         side = shards.view_side(side)
-        basis = shards.basis_view(state["basis"], side, grad.dtype)
+        basis = shards.basis_view(state["basis"], side, compute_dtype(p.dtype))
         step = float(state["step"].add_(1.0))
+        if fused:
+            _fused_update(group, p, grad, basis, state, side, lr, step)
+            return
         low = project(grad, basis, side)
         if "low_rank_grad" in state:  # earlier micro-batches, folded in by accumulate_low_rank_
             low.add_(state.pop("low_rank_grad"))
@@ -567,6 +615,23 @@ class SubspaceAdamW(Optimizer):
                            adam_step_size(lr, step, group), shards)
         if work is not weight:
             weight.copy_(work)
+
+    @staticmethod
+    def _use_kernels(group: dict, p: Tensor, state: dict) -> bool:
+        """The fused Triton step (``fused``: None = on CUDA when Triton is installed; True = also
+        on CPU tensors, which only the Triton interpreter runs) where it applies: a whole (not
+        sharded) float32/half matrix with 32-bit moments, a float basis, no low-rank accumulation."""
+        choice = group["fused"]
+        if choice is False or group["state_bits"] != 32 or group["proj_method"] == "coordinates":
+            return False
+        if isinstance(p, DTensor) or "low_rank_grad" in state or p.dtype == torch.float64:
+            return False
+        if choice is None:
+            return p.device.type == "cuda" and kernels_available()
+        if p.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("fused=True with CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter, "
+                               "set before Triton is imported); on a CPU use fused=None or False")
+        return True
 
     @staticmethod
     def _write_update(group, weight, grad, low, direction, basis, state, side, lr, step_size, shards) -> None:
@@ -713,6 +778,33 @@ class SubspaceAdamW(Optimizer):
             state = self.state[params[k]]
             _init_dense_state(state, params[k], group["state_bits"])
             state["active"] = torch.tensor(True)
+
+
+def _fused_update(group: dict, weight: Tensor, grad: Tensor, basis: Tensor, state: dict, side: str, lr: float,
+                  step: float) -> None:
+    """Steps 2-5 of the module docstring in two Triton kernels (:mod:`lrtrain.kernels.subspace_adam`):
+    the projection with the moment update, then the back-projection with the residual rule and
+    the decay, written into ``weight`` in its own dtype."""
+    from ..kernels.subspace_adam import project_adam, project_back_update_
+
+    beta1, beta2 = group["betas"]
+    rule, scale = group["residual"], group["scale"]
+    unbiased = group["adam_style"] == "torch" and group["correct_bias"]
+    direction, low = project_adam(grad, basis, side, state["exp_avg"], state["exp_avg_sq"], beta1=beta1, beta2=beta2,
+                                  eps=group["eps"], denom_scale=1.0 / math.sqrt(1.0 - beta2**step) if unbiased else 1.0,
+                                  return_low=rule != "none")
+    step_size = adam_step_size(lr, step, group)
+    decay = 1.0 - lr * group["weight_decay"]
+    after = decay if group["adam_style"] == "hf" else 1.0  # decay after the update scales the update too
+    if rule == "fira":
+        coef = fira_coefficients(grad, low, direction, side, scale, state, group["limiter_gamma"], lambda t: t)
+        direction = (direction - coef.unsqueeze(1 if side == "right" else 0) * low).mul_(scale)
+        project_back_update_(weight, direction, basis, side, keep=decay, alpha=step_size * after, residual="fira",
+                             gamma=step_size * after, grad=grad, coef=coef)
+    else:
+        state_free_lr = lr * scale * group["state_free_lr_scale"] * after
+        project_back_update_(weight, direction, basis, side, keep=decay, alpha=step_size * scale * after,
+                             residual=rule, gamma=state_free_lr, grad=grad, low=low)
 
 
 def _init_dense_state(state: dict, p: Tensor, bits: int) -> None:

@@ -1,0 +1,1 @@
+"""Triton kernels (``subspace_adam``): imported only when Triton is installed."""
