@@ -1,5 +1,6 @@
 """Drop-in torch.optim optimizers that keep Adam's state in low-rank subspaces of the gradient."""
 
+from .apollo import ApolloAdamW, ApolloMiniAdamW
 from .fira import FiraAdamW
 from .frugal import FrugalAdamW
 from .galore import GaLoreAdamW
@@ -8,6 +9,8 @@ from .layerwise import LayerwiseUpdates
 from .subspace import SubspaceAdamW
 
 __all__ = [
+    "ApolloAdamW",
+    "ApolloMiniAdamW",
     "FiraAdamW",
     "FrugalAdamW",
     "GaLoreAdamW",

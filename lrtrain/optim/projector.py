@@ -12,8 +12,10 @@ coordinates    idx (r,) int64 columns      G[:, idx]   (m, r)   N scattered to i
 =============  ==========================  ===================  =========================
 
 A coordinate basis is an index vector (a selection of rows of the identity), so it is stored as
-int64 and applied by gather/scatter instead of a matmul. Every basis here is orthonormal, which
-the Fira rule relies on (``‖G - α·back(R)‖²`` row by row from ``‖G‖²`` and ``‖R‖²``).
+int64 and applied by gather/scatter instead of a matmul. Every basis here but APOLLO's Gaussian
+one (``gaussian``: N(0, 1/r) entries, as apollo-torch draws them) is orthonormal, which the Fira
+and FRUGAL rules rely on (``‖G - α·back(R)‖²`` row by row from ``‖G‖²`` and ``‖R‖²``); APOLLO's
+rule never projects back.
 
 Everything is a pure function of tensors and plain values: the optimizer keeps only the basis
 tensor (and a seed) in its state, so ``state_dict`` holds tensors only.
@@ -21,6 +23,7 @@ tensor (and a seed) in its state, so ``state_dict`` holds tensors only.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -28,11 +31,13 @@ import torch
 from torch import Tensor
 
 
-def _identity(tensor: Tensor) -> Tensor:
+def identity(tensor: Tensor) -> Tensor:
+    """The no-op reduction (one process) and view."""
     return tensor
 
+
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
-PROJ_METHODS = ("svd", "randomized", "random", "coordinates")
+PROJ_METHODS = ("svd", "randomized", "random", "gaussian", "coordinates")
 
 
 def projection_side(shape: tuple[int, ...], proj_type: str) -> str:
@@ -142,7 +147,7 @@ def robust_svd_basis(grad: Tensor, rank: int, side: str, previous: Tensor | None
 
 def randomized_basis(
     grad: Tensor, rank: int, *, previous: Tensor | None, seed: int, oversample: int, power_iters: int,
-    reduce_: Callable[[Tensor], Tensor] = _identity,
+    reduce_: Callable[[Tensor], Tensor] = identity,
 ) -> Tensor:
     """The right basis Q (r, n) of G's top singular subspace by subspace iteration: a few matmuls
     and a thin QR instead of a full SVD (Halko, Martinsson & Tropp, 2011). A left basis of G is the
@@ -173,6 +178,17 @@ def randomized_basis(
     return (omega @ vectors[:, -rank:].flip(-1)).T.contiguous()  # largest first
 
 
+def gaussian_basis(
+    seed: int, shape: tuple[int, ...], rank: int, side: str, *, dtype: torch.dtype, device: torch.device | str
+) -> Tensor:
+    """APOLLO's projection: i.i.d. N(0, 1/r) entries, not orthonormalised, (r, n) on the right or
+    (m, r) on the left; a pure function of ``seed`` (drawn on the CPU in float32)."""
+    size = (rank, shape[1]) if side == "right" else (shape[0], rank)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    basis = torch.randn(size, generator=generator, dtype=torch.float32) / math.sqrt(rank)
+    return basis.to(device=device, dtype=dtype)
+
+
 def random_basis(
     seed: int, shape: tuple[int, ...], rank: int, side: str, *, dtype: torch.dtype, device: torch.device | str
 ) -> Tensor:
@@ -194,6 +210,23 @@ def coordinate_basis(seed: int, shape: tuple[int, ...], rank: int, side: str, *,
     generator = torch.Generator(device="cpu").manual_seed(seed)
     chosen = torch.randperm(dim, generator=generator)[:rank]
     return chosen.sort().values.to(device)
+
+
+def basis_transition(previous: Tensor, new: Tensor, side: str, shape: tuple[int, ...]) -> Tensor:
+    """T mapping low-rank coordinates from the ``previous`` basis to ``new`` (same side):
+    right, bases (r, n): T = Q_prev·Q_newᵀ, (r, r), so down(back(X)) = X·T; left, bases (m, r):
+    T = P_newᵀ·P_prev, so it is T·X. Coordinate bases (indices) count as one-hot vectors."""
+    previous, new = dense_basis(previous, side, shape), dense_basis(new, side, shape)
+    return previous @ new.T if side == "right" else new.T @ previous
+
+
+def dense_basis(basis: Tensor, side: str, shape: tuple[int, ...]) -> Tensor:
+    """A float basis as it is; coordinate indices as one-hot rows (right, (r, n)) or columns (left, (m, r))."""
+    if basis.is_floating_point():
+        return basis
+    size = shape[1] if side == "right" else shape[0]
+    one_hot = torch.nn.functional.one_hot(basis, size).to(torch.float32)
+    return one_hot if side == "right" else one_hot.T
 
 
 # --------------------------------------------------------------------------- seeds

@@ -5,7 +5,9 @@ For a 2-D weight W (m, n) with gradient G in a group that has ``rank`` (or ``den
 t (t0 = t - 1 steps taken so far):
 
 1. refresh, when t0 % update_proj_gap == 0: a basis of a rank-r subspace of G (``projector``);
-   moments kept (``refresh_moments="keep"``) or zeroed with the step count (``"reset"``);
+   moments kept (``refresh_moments="keep"``), zeroed with the step count (``"reset"``) or carried
+   into the new basis (``"project"``: :func:`rotate_moments_`); with ``stagger_refresh`` matrix i of
+   a group's n refreshes first after gap - ⌊i·gap/n⌋ steps, then every gap, so refreshes spread out;
 2. R = down(G), shape (m, r) or (r, n);
 3. M ← β1·M + (1-β1)·R,  V ← β2·V + (1-β2)·R²,  and the Adam direction with its step size s:
      ``adam_style="hf"``    (galore-torch, fira):  N = M / (√V + ε),          s = lr·√(1-β2ᵗ)/(1-β1ᵗ)
@@ -14,6 +16,9 @@ t (t0 = t - 1 steps taken so far):
      ``"none"``      GaLore: nothing;
      ``"fira"``      Fira: s·ℓ⁻¹·φ⊙(G - scale·back(R)), φ = ‖N‖/(‖R‖+1e-8) per row (right side) or
                      column (left side), ℓ = max(‖S‖/‖S_prev‖, γ)/γ the norm-growth limiter (γ=1.01);
+     ``"apollo"``    APOLLO: no back-projection at all, W ← W - s·√scale·ℓ⁻¹·φ⊙G with φ = ‖N‖/(‖R‖+1e-8)
+                     per row/column (``scale_type="channel"``) or for the whole matrix ("tensor"),
+                     ℓ the limiter on ‖φ⊙G‖;
      ``"sign_sgd"``  FRUGAL: lr·scale·c·sign(G - back(R)),  c = ``state_free_lr_scale``;
      ``"sgd"``       FRUGAL: lr·scale·c·(G - back(R));
 5. decoupled weight decay W ← W·(1 - lr·wd): after the update for "hf" (as galore-torch and fira
@@ -61,8 +66,11 @@ from .projector import (
     PROJ_METHODS,
     PROJ_TYPES,
     add_project_back_,
+    basis_transition,
     canonical_signs_,
     coordinate_basis,
+    gaussian_basis,
+    identity,
     initial_seed,
     low_rank_shape,
     next_seed,
@@ -75,8 +83,9 @@ from .projector import (
 )
 
 ADAM_STYLES = ("hf", "torch")
-RESIDUALS = ("none", "fira", "sign_sgd", "sgd")
-REFRESH_MOMENTS = ("keep", "reset")
+RESIDUALS = ("none", "fira", "apollo", "sign_sgd", "sgd")
+SCALE_TYPES = ("channel", "tensor")
+REFRESH_MOMENTS = ("keep", "reset", "project")
 BLOCK_ORDERS = ("random", "ascending", "descending", "mirror")
 ON_NONFINITE = ("skip", "raise")
 BASIS_SIGNS = ("lapack", "canonical")
@@ -101,6 +110,8 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "basis_signs": "lapack",
     "state_bits": 32,
     "fused": None,
+    "stagger_refresh": False,
+    "scale_type": "channel",
 }
 #: Keys whose presence makes a group a subspace group (never defaults).
 MARKER_KEYS = ("rank", "density")
@@ -110,8 +121,8 @@ ALIASES = {"alpha": "scale", "state_free": "residual"}
 #: known, so never taken for misspellings.
 _OTHER_GROUP_KEYS = {"params", "param_names", "initial_lr", "block_cursor"}
 #: State entries that keep their saved dtype on load (torch casts floating state to the param dtype).
-_KEEP_DTYPE = {"basis", "seed", "limiter_norm", "active", "exp_avg_absmax", "exp_avg_sq_absmax", "low_rank_grad"}
-_ON_CPU = {"step", "seed"}
+_KEEP_DTYPE = {"basis", "seed", "refresh_in", "limiter_norm", "active", "exp_avg_absmax", "exp_avg_sq_absmax", "low_rank_grad"}
+_ON_CPU = {"step", "seed", "refresh_in"}
 
 
 def is_projected(group: dict) -> bool:
@@ -228,6 +239,36 @@ def fira_coefficients(
     return phi
 
 
+def apollo_coefficients(
+    grad: Tensor, low: Tensor, direction: Tensor, side: str, scale_type: str, state: dict, gamma: float | None,
+    reduce_: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """APOLLO's c = φ/ℓ: φ = ‖N‖/(‖R‖+1e-8) per row of G (m,) on the right, per column (n,) on the
+    left (``"channel"``), or one 0-d ratio of Frobenius norms (``"tensor"``); ℓ the norm-growth limiter
+    on ‖φ⊙G‖ (``state["limiter_norm"]``), computed from G's row/column norms without a temporary.
+    ``reduce_`` sums over ranks for a row-split matrix, as in :func:`fira_coefficients`."""
+    dim = 1 if side == "right" else 0  # reduce over the rank dimension of R and N
+    grad_sq = torch.linalg.vector_norm(grad, dim=dim, dtype=low.dtype).square_()
+    if side == "left":
+        reduce_(grad_sq)  # column norms span the ranks' rows
+    if scale_type == "channel":
+        phi = torch.linalg.vector_norm(direction, dim=dim) / (torch.linalg.vector_norm(low, dim=dim) + 1e-8)
+        update_sq = (phi.square() * grad_sq).sum()
+    else:
+        squares = torch.stack([direction.square().sum(), low.square().sum(), grad_sq.sum()])
+        if side == "right":
+            reduce_(squares)  # N, R and G rows are this rank's
+        phi = squares[0].sqrt() / (squares[1].sqrt() + 1e-8)
+        update_sq = phi.square() * squares[2]
+    update_norm = (reduce_(update_sq) if side == "right" and scale_type == "channel" else update_sq).sqrt()
+    if gamma is not None and "limiter_norm" in state:
+        limiter = torch.clamp(update_norm / (state["limiter_norm"] + 1e-8), min=gamma) / gamma
+        phi = phi / limiter
+        update_norm = update_norm / limiter
+    state["limiter_norm"] = update_norm
+    return phi
+
+
 def state_free_update_(
     weight: Tensor, grad: Tensor, low: Tensor | None, basis: Tensor | None, side: str, rule: str, lr: float
 ) -> None:
@@ -283,6 +324,10 @@ def validate_options(group: dict) -> None:
     _check_choice("block_order", group["block_order"], BLOCK_ORDERS)
     _check_choice("on_nonfinite", group["on_nonfinite"], ON_NONFINITE)
     _check_choice("basis_signs", group["basis_signs"], BASIS_SIGNS)
+    _check_choice("scale_type", group["scale_type"], SCALE_TYPES)
+    if group["proj_method"] == "gaussian" and group["residual"] in ("fira", "sign_sgd", "sgd"):
+        raise ValueError(f"residual={group['residual']!r} needs an orthonormal basis; proj_method='gaussian' "
+                         "(APOLLO's) is not one: use svd, randomized or random")
     _check_choice("state_bits", group["state_bits"], (32, 8))
     _check_choice("fused", group["fused"], (None, True, False))
     if group["fused"]:
@@ -300,9 +345,10 @@ def _check_fused(group: dict) -> None:
     if not kernels_available():
         raise ValueError("fused=True runs lrtrain's Triton kernels: pip install triton (or lrtrain[kernels]), "
                          "or leave fused=None (kernels where they apply) or False")
-    if group["state_bits"] != 32 or group["proj_method"] in ("coordinates", "blocks"):
-        raise ValueError(f"fused=True covers 32-bit moments and float bases; this group has state_bits="
-                         f"{group['state_bits']}, proj_method={group['proj_method']!r}: use fused=None or False")
+    if group["state_bits"] != 32 or group["proj_method"] in ("coordinates", "blocks") or group["residual"] == "apollo":
+        raise ValueError(f"fused=True covers 32-bit moments, float bases and the GaLore, Fira and FRUGAL rules; this "
+                         f"group has state_bits={group['state_bits']}, proj_method={group['proj_method']!r}, "
+                         f"residual={group['residual']!r}: use fused=None or False")
 
 
 @functools.cache
@@ -362,10 +408,11 @@ class SubspaceAdamW(Optimizer):
         lr, betas, eps, weight_decay, correct_bias: as in torch.optim.AdamW / transformers.
         **options: defaults for every group (each group may override them):
             update_proj_gap (200), scale (0.25; Fira's ``alpha`` is accepted), proj_type
-            (std | reverse_std | left | right), proj_method (svd | randomized | random | coordinates | blocks),
-            refresh_moments (keep | reset), residual (none | fira | sign_sgd | sgd; FRUGAL's
-            ``state_free`` is accepted), state_free_lr_scale (1.0), limiter_gamma (1.01; None turns
-            Fira's limiter off), adam_style (hf | torch), block_order (random | ascending |
+            (std | reverse_std | left | right), proj_method (svd | randomized | random | gaussian |
+            coordinates | blocks), refresh_moments (keep | reset | project), stagger_refresh (False),
+            residual (none | fira | apollo | sign_sgd | sgd; FRUGAL's ``state_free`` is accepted),
+            scale_type (channel | tensor: APOLLO's φ), state_free_lr_scale (1.0), limiter_gamma (1.01;
+            None turns Fira's and APOLLO's limiter off), adam_style (hf | torch), block_order (random | ascending |
             descending | mirror), seed (0; random bases are a function of it, the same on every
             rank), on_nonfinite (skip | raise: what a NaN/Inf gradient at a refresh does),
             oversample (8) and power_iters (2) for proj_method="randomized", basis_signs (lapack: the
@@ -533,8 +580,7 @@ class SubspaceAdamW(Optimizer):
         group, _, _ = self._locate(p)
         state = self.state.get(p, {})
         if (p.grad is None or not is_projected(group) or group["proj_method"] == "blocks"
-                or group["residual"] != "none" or "basis" not in state or isinstance(p, DTensor)
-                or int(state["step"]) % group["update_proj_gap"] == 0):
+                or group["residual"] != "none" or isinstance(p, DTensor) or refresh_due(group, state)):
             return False
         side, _ = param_layout(tuple(p.shape), group)
         low = project(p.grad.to(compute_dtype(p.dtype)), state["basis"], side)
@@ -586,7 +632,7 @@ class SubspaceAdamW(Optimizer):
         if not state:
             state["step"] = torch.tensor(0.0)
         side, rank = param_layout(tuple(p.shape), group)
-        refresh = "basis" not in state or int(state["step"]) % group["update_proj_gap"] == 0
+        refresh = refresh_due(group, state)
         fused = self._use_kernels(group, p, state)
         grad = shards.view(self._grad(group, i, p))  # this rank's rows (m_local, n)
         if refresh or not fused:  # the kernels read a half-precision gradient as it is
@@ -596,6 +642,8 @@ class SubspaceAdamW(Optimizer):
         side = shards.view_side(side)
         basis = shards.basis_view(state["basis"], side, compute_dtype(p.dtype))
         step = float(state["step"].add_(1.0))
+        if "refresh_in" in state:
+            state["refresh_in"].sub_(1)
         if fused:
             _fused_update(group, p, grad, basis, state, side, lr, step)
             return
@@ -622,7 +670,8 @@ class SubspaceAdamW(Optimizer):
         on CPU tensors, which only the Triton interpreter runs) where it applies: a whole (not
         sharded) float32/half matrix with 32-bit moments, a float basis, no low-rank accumulation."""
         choice = group["fused"]
-        if choice is False or group["state_bits"] != 32 or group["proj_method"] == "coordinates":
+        if choice is False or group["state_bits"] != 32 or group["proj_method"] == "coordinates" \
+                or group["residual"] == "apollo":
             return False
         if isinstance(p, DTensor) or "low_rank_grad" in state or p.dtype == torch.float64:
             return False
@@ -644,6 +693,11 @@ class SubspaceAdamW(Optimizer):
         if rule == "fira":
             fira_update_(weight, grad, low, direction, basis, side, step_size, scale, state, group["limiter_gamma"],
                          shards.all_reduce_)
+        elif rule == "apollo":
+            coef = apollo_coefficients(grad, low, direction, side, group["scale_type"], state, group["limiter_gamma"],
+                                       shards.all_reduce_)
+            coef = coef.unsqueeze(1 if side == "right" else 0) if coef.dim() else coef
+            weight.addcmul_(coef, grad, value=-step_size * math.sqrt(scale))
         else:
             add_project_back_(weight, direction, basis, side, alpha=-step_size * scale)
             if rule != "none":
@@ -675,14 +729,19 @@ class SubspaceAdamW(Optimizer):
             state["seed"] = torch.tensor(seed, dtype=torch.int64)
             if method == "randomized":
                 basis = self._randomized_refresh(group, grad, state, side, rank, seed, p, shards)
-            elif method == "random":
-                basis = random_basis(seed, shape, rank, side, dtype=grad.dtype, device=grad.device)
+            elif method in ("random", "gaussian"):
+                draw = random_basis if method == "random" else gaussian_basis
+                basis = draw(seed, shape, rank, side, dtype=grad.dtype, device=grad.device)
             else:
                 basis = coordinate_basis(seed, shape, rank, side, device=grad.device)
         if group["basis_signs"] == "canonical" and method in ("svd", "randomized"):
             canonical_signs_(basis, side)
-        fresh = "basis" not in state
+        fresh, previous = "basis" not in state, state.get("basis")
         state["basis"] = basis
+        if group["stagger_refresh"]:  # matrix i of n: the first period is shortened by i/n of a gap
+            gap = group["update_proj_gap"]
+            first = gap - (index * gap) // len(group["params"]) if fresh else gap
+            state["refresh_in"] = torch.tensor(first, dtype=torch.int64)
         if fresh:
             low_shape = low_rank_shape(shape, side, rank)
             if group["state_bits"] == 8:
@@ -694,6 +753,13 @@ class SubspaceAdamW(Optimizer):
         elif group["refresh_moments"] == "reset":
             zero_moments_(state)
             state["step"].zero_()
+        elif group["refresh_moments"] == "project":
+            if shards.distributed:
+                raise NotImplementedError("refresh_moments='project' is not implemented for sharded (FSDP2) "
+                                          "matrices: use 'keep' or 'reset'")
+            transition = basis_transition(previous, basis, side, shape)
+            with float_moments(state, identity) as (exp_avg, exp_avg_sq):
+                rotate_moments_(exp_avg, exp_avg_sq, transition.to(exp_avg.dtype), side)
         return True
 
     @staticmethod
@@ -780,6 +846,33 @@ class SubspaceAdamW(Optimizer):
             state["active"] = torch.tensor(True)
 
 
+def refresh_due(group: dict, state: dict) -> bool:
+    """Whether this step refreshes the subspace: the first step; then every ``update_proj_gap``
+    steps of ``state["step"]`` (which restarts at a "reset" refresh), or, with ``stagger_refresh``,
+    when the countdown ``state["refresh_in"]`` reaches 0."""
+    if "basis" not in state:
+        return True
+    if "refresh_in" in state:
+        return int(state["refresh_in"]) <= 0
+    return int(state["step"]) % group["update_proj_gap"] == 0
+
+
+def rotate_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, transition: Tensor, side: str) -> None:
+    """Carry the moments into a new basis (``refresh_moments="project"``), in place.
+
+    M is re-expressed exactly: M·T on the right ((m, r)·(r, r')), T·M on the left. V, a second moment
+    per coordinate, has no exact image (it would need the covariance of R); it maps through T⊙T,
+    the variance of each new coordinate if the old ones were independent: V·(T⊙T) or (T⊙T)·V. This
+    keeps V >= 0, and equals V permuted when the new basis permutes the old one (signs included)."""
+    squared = transition.square()
+    if side == "right":
+        exp_avg.copy_(exp_avg @ transition)
+        exp_avg_sq.copy_(exp_avg_sq @ squared)
+    else:
+        exp_avg.copy_(transition @ exp_avg)
+        exp_avg_sq.copy_(squared @ exp_avg_sq)
+
+
 def _fused_update(group: dict, weight: Tensor, grad: Tensor, basis: Tensor, state: dict, side: str, lr: float,
                   step: float) -> None:
     """Steps 2-5 of the module docstring in two Triton kernels (:mod:`lrtrain.kernels.subspace_adam`):
@@ -797,7 +890,7 @@ def _fused_update(group: dict, weight: Tensor, grad: Tensor, basis: Tensor, stat
     decay = 1.0 - lr * group["weight_decay"]
     after = decay if group["adam_style"] == "hf" else 1.0  # decay after the update scales the update too
     if rule == "fira":
-        coef = fira_coefficients(grad, low, direction, side, scale, state, group["limiter_gamma"], lambda t: t)
+        coef = fira_coefficients(grad, low, direction, side, scale, state, group["limiter_gamma"], identity)
         direction = (direction - coef.unsqueeze(1 if side == "right" else 0) * low).mul_(scale)
         project_back_update_(weight, direction, basis, side, keep=decay, alpha=step_size * after, residual="fira",
                              gamma=step_size * after, grad=grad, coef=coef)

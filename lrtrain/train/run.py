@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data import load_data
 from ..models import build_model
-from ..optim import FiraAdamW, FrugalAdamW, GaLoreAdamW, LayerwiseUpdates, param_groups
+from ..optim import ApolloAdamW, ApolloMiniAdamW, FiraAdamW, FrugalAdamW, GaLoreAdamW, LayerwiseUpdates, param_groups
 from ..param import SSTController, conversion_summary, convert
 from .distributed import apply_fsdp2, init_distributed, local_projection_placements, wrap_ddp
 from .logger import RunLogger
@@ -35,6 +35,8 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "galore": GaLoreAdamW,
     "fira": FiraAdamW,
     "frugal": FrugalAdamW,
+    "apollo": ApolloAdamW,
+    "apollo_mini": ApolloMiniAdamW,
 }
 CONSTRUCTOR_KEYS = ("lr", "betas", "eps", "weight_decay")
 #: Subspace-optimizer options for every group, the plain one (embeddings, head, norms) included.

@@ -159,6 +159,7 @@ def test_auto_dispatch_keeps_cpu_tensors_on_the_torch_path(monkeypatch):
 @pytest.mark.parametrize("options, error, match", [
     ({"fused": "yes"}, ValueError, "fused must be one of"),
     ({"fused": True, "state_bits": 8}, ValueError, "fused=True covers 32-bit moments"),
+    ({"fused": True, "residual": "apollo", "proj_method": "gaussian"}, ValueError, "residual=.apollo."),
     ({"fused": True, "proj_method": "coordinates"}, ValueError, "proj_method='coordinates'"),
 ])
 def test_fused_refusals(options, error, match):

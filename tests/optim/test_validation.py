@@ -51,7 +51,7 @@ def test_rank_above_min_dim_is_clamped_with_one_warning():
 @pytest.mark.parametrize(
     "key,value,match",
     [("proj_type", "full", "proj_type must be one of"), ("proj_method", "qr", "proj_method must be one of"),
-     ("residual", "adam", "residual must be one of"), ("refresh_moments", "project", "refresh_moments must be one of"),
+     ("residual", "adam", "residual must be one of"), ("refresh_moments", "rotate", "refresh_moments must be one of"),
      ("adam_style", "keras", "adam_style must be one of"), ("update_proj_gap", 0, "update_proj_gap must be"),
      ("update_proj_gap", 2.0, "update_proj_gap must be"), ("on_nonfinite", "ignore", "on_nonfinite must be one of"),
      ("limiter_gamma", 0.5, "limiter_gamma must be >= 1"), ("scale", -1.0, "scale must be >= 0"),

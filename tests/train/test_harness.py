@@ -20,7 +20,7 @@ from lrtrain.train.checkpoint import checkpoints
 from lrtrain.train.run import build_trainer, run
 
 ROOT = Path(__file__).resolve().parents[2]
-OPTIMIZERS = ["adamw", "galore", "fira", "frugal"]
+OPTIMIZERS = ["adamw", "galore", "fira", "frugal", "apollo", "apollo_mini"]
 METHODS = [*OPTIMIZERS, "sltrain", "sst"]
 TINY = ["logger=none", "train.steps=8", "train.seq_len=32", "train.batch_size=4", "train.warmup_steps=1",
         "train.eval_every=4", "train.eval_batches=2", "train.log_every=1", "train.progress=false"]
