@@ -64,3 +64,47 @@ class TinyLM(nn.Module):
 @pytest.fixture
 def tiny_lm():
     return TinyLM()
+
+
+def train_lm(model: nn.Module, optimizer: torch.optim.Optimizer, batches) -> None:
+    """Next-token steps of a TinyLM on (batch, seq + 1) token blocks, loss in float32."""
+    for tokens in batches:
+        optimizer.zero_grad()
+        logits = model(tokens[:, :-1]).flatten(0, 1).float()
+        nn.functional.cross_entropy(logits, tokens[:, 1:].flatten()).backward()
+        optimizer.step()
+
+
+def resumed_twin(model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer):
+    """A copy of ``model`` and a fresh ``make_optimizer(copy)`` loaded from a ``torch.save`` round
+    trip (``weights_only=True``) of both state dicts."""
+    import copy
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(saved["model"])
+    twin_optimizer = make_optimizer(twin)
+    twin_optimizer.load_state_dict(saved["optimizer"])
+    return twin, twin_optimizer
+
+
+def assert_resume_is_exact(model: nn.Module, make_optimizer, batches, split: int):
+    """Train ``split`` batches, save and reload into a twin, train both on the rest: equal weights,
+    bit for bit. Returns the twin's optimizer and the dtypes of its loaded state, by key."""
+    optimizer = make_optimizer(model)
+    train_lm(model, optimizer, batches[:split])
+    twin, twin_optimizer = resumed_twin(model, optimizer, make_optimizer)
+    loaded: dict[str, set[torch.dtype]] = {}  # the dtypes each state key was loaded with
+    for state in twin_optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                loaded.setdefault(key, set()).add(value.dtype)
+    train_lm(model, optimizer, batches[split:])
+    train_lm(twin, twin_optimizer, batches[split:])
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    return twin_optimizer, loaded

@@ -231,11 +231,16 @@ def fira_coefficients(
     residual_sq.sub_(low.square().sum(dim=dim), alpha=2.0 * scale - scale * scale).clamp_(min=0.0)
     residual_sq_total = (phi.square() * residual_sq).sum()
     residual_norm = (reduce_(residual_sq_total) if side == "right" else residual_sq_total).sqrt()
+    return norm_growth_limit(phi, residual_norm, state, gamma)
+
+
+def norm_growth_limit(phi: Tensor, norm: Tensor, state: dict, gamma: float | None) -> Tensor:
+    """Fira's norm-growth limiter: φ/ℓ with ℓ = max(‖S‖/‖S_prev‖, γ)/γ, ``norm`` = ‖S‖ of the update
+    φ scales; keeps ‖S‖/ℓ in ``state["limiter_norm"]`` (0-d) for the next step. No limit with γ None."""
     if gamma is not None and "limiter_norm" in state:
-        limiter = torch.clamp(residual_norm / (state["limiter_norm"] + 1e-8), min=gamma) / gamma
-        phi = phi / limiter
-        residual_norm = residual_norm / limiter
-    state["limiter_norm"] = residual_norm
+        limiter = torch.clamp(norm / (state["limiter_norm"] + 1e-8), min=gamma) / gamma
+        phi, norm = phi / limiter, norm / limiter
+    state["limiter_norm"] = norm
     return phi
 
 
@@ -261,12 +266,7 @@ def apollo_coefficients(
         phi = squares[0].sqrt() / (squares[1].sqrt() + 1e-8)
         update_sq = phi.square() * squares[2]
     update_norm = (reduce_(update_sq) if side == "right" and scale_type == "channel" else update_sq).sqrt()
-    if gamma is not None and "limiter_norm" in state:
-        limiter = torch.clamp(update_norm / (state["limiter_norm"] + 1e-8), min=gamma) / gamma
-        phi = phi / limiter
-        update_norm = update_norm / limiter
-    state["limiter_norm"] = update_norm
-    return phi
+    return norm_growth_limit(phi, update_norm, state, gamma)
 
 
 def state_free_update_(

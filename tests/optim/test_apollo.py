@@ -2,7 +2,6 @@
 where the random matrices agree: apollo-torch's projector is made to draw lrtrain's Gaussian bases
 with lrtrain's seed rule; with the SVD projector ("APOLLO w. SVD") nothing is patched."""
 
-import io
 import warnings
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from lrtrain.memory import state_bytes
 from lrtrain.optim import ApolloAdamW, ApolloMiniAdamW, describe, param_groups
 from lrtrain.optim.projector import gaussian_basis, initial_seed, next_seed
-from tests.conftest import TinyLM
+from tests.conftest import TinyLM, assert_resume_is_exact
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -86,30 +85,9 @@ def test_apollo_mini_state_is_linear_in_the_matrix_size():
 
 def test_resume_is_exact():
     torch.manual_seed(0)
-    model = TinyLM(dim=24, hidden=40)
-    make = lambda m: ApolloAdamW(param_groups(m, rank=4, update_proj_gap=3), lr=1e-2)  # noqa: E731
-    opt = make(model)
     batches = [torch.randint(0, 32, (2, 9)) for _ in range(8)]
-
-    def train(m, o, data):
-        for tokens in data:
-            o.zero_grad()
-            torch.nn.functional.cross_entropy(m(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
-            o.step()
-
-    train(model, opt, batches[:4])
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    twin = TinyLM(dim=24, hidden=40)
-    twin.load_state_dict(saved["model"])
-    twin_opt = make(twin)
-    twin_opt.load_state_dict(saved["opt"])
-    train(model, opt, batches[4:])
-    train(twin, twin_opt, batches[4:])
-    for p, q in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(p, q)
+    assert_resume_is_exact(TinyLM(dim=24, hidden=40), lambda m: ApolloAdamW(param_groups(m, rank=4, update_proj_gap=3),
+                                                                            lr=1e-2), batches, split=4)
 
 
 @pytest.mark.parametrize("options, match", [

@@ -1,15 +1,13 @@
 """Refresh schedule and moments across a refresh: staggered refreshes, moments carried into the new
 basis (refresh_moments="project")."""
 
-import io
-
 import pytest
 import torch
 
 from lrtrain.optim import FrugalAdamW, GaLoreAdamW, LayerwiseUpdates, param_groups
 from lrtrain.optim.projector import basis_transition, dense_basis, project, project_back
 from lrtrain.optim.subspace import SubspaceAdamW, rotate_moments_
-from tests.conftest import TinyLM
+from tests.conftest import TinyLM, assert_resume_is_exact
 
 F64 = torch.float64
 
@@ -26,17 +24,23 @@ def _record_refreshes(monkeypatch):
     return calls
 
 
-def test_staggered_refreshes_spread_over_the_gap(monkeypatch):
-    calls = _record_refreshes(monkeypatch)
-    params = [torch.nn.Parameter(torch.randn(12, 10)) for _ in range(8)]
-    opt = GaLoreAdamW([{"params": params, "rank": 3, "update_proj_gap": 4}], stagger_refresh=True)
+def _refreshes_per_step(opt, params, calls, steps):
+    """The (sorted) indices of the matrices that refreshed, step by step, on random gradients."""
     per_step = []
-    for _ in range(13):
+    for _ in range(steps):
         for p in params:
             p.grad = torch.randn_like(p)
         calls.clear()
         opt.step()
         per_step.append(sorted(calls))
+    return per_step
+
+
+def test_staggered_refreshes_spread_over_the_gap(monkeypatch):
+    calls = _record_refreshes(monkeypatch)
+    params = [torch.nn.Parameter(torch.randn(12, 10)) for _ in range(8)]
+    opt = GaLoreAdamW([{"params": params, "rank": 3, "update_proj_gap": 4}], stagger_refresh=True)
+    per_step = _refreshes_per_step(opt, params, calls, steps=13)
     assert per_step[0] == list(range(8))  # every matrix needs its first basis
     assert all(len(step) == 2 for step in per_step[1:]), per_step  # 8 matrices / gap 4: two per step
     for i in range(8):
@@ -49,45 +53,18 @@ def test_unstaggered_refreshes_come_together(monkeypatch):
     calls = _record_refreshes(monkeypatch)
     params = [torch.nn.Parameter(torch.randn(12, 10)) for _ in range(4)]
     opt = GaLoreAdamW([{"params": params, "rank": 3, "update_proj_gap": 3}])
-    counts = []
-    for _ in range(7):
-        for p in params:
-            p.grad = torch.randn_like(p)
-        calls.clear()
-        opt.step()
-        counts.append(len(calls))
+    counts = [len(step) for step in _refreshes_per_step(opt, params, calls, steps=7)]
     assert counts == [4, 0, 0, 4, 0, 0, 4]
 
 
 @pytest.mark.parametrize("refresh_moments", ["keep", "reset", "project"])
 def test_staggered_state_resumes_exactly(refresh_moments):
     torch.manual_seed(0)
-    model = TinyLM(dim=24, hidden=40)
     make = lambda m: FrugalAdamW(param_groups(m, rank=4, update_proj_gap=3), stagger_refresh=True,  # noqa: E731
                                  refresh_moments=refresh_moments)
-    opt = make(model)
     batches = [torch.randint(0, 32, (2, 9)) for _ in range(9)]
-
-    def train(m, o, data):
-        for tokens in data:
-            o.zero_grad()
-            torch.nn.functional.cross_entropy(m(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
-            o.step()
-
-    train(model, opt, batches[:4])
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    twin = TinyLM(dim=24, hidden=40)
-    twin.load_state_dict(saved["model"])
-    twin_opt = make(twin)
-    twin_opt.load_state_dict(saved["opt"])
-    assert any(s["refresh_in"].dtype == torch.int64 for s in twin_opt.state.values() if "refresh_in" in s)
-    train(model, opt, batches[4:])
-    train(twin, twin_opt, batches[4:])
-    for p, q in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(p, q)
+    _, loaded = assert_resume_is_exact(TinyLM(dim=24, hidden=40), make, batches, split=4)
+    assert loaded["refresh_in"] == {torch.int64}
 
 
 def test_staggered_layerwise_accumulation_matches_the_ordinary_step():
