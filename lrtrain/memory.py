@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_leaves
 
 STATE_CATEGORIES = {"exp_avg": "moments", "exp_avg_sq": "moments", "basis": "basis",
                     "exp_avg_absmax": "moments", "exp_avg_sq_absmax": "moments",  # 8-bit block scales
+                    "exp_avg_sq_row": "moments", "exp_avg_sq_col": "moments",  # Adafactor's factored V
                     "state1": "moments", "state2": "moments", "absmax1": "moments", "absmax2": "moments"}  # bitsandbytes
 
 

@@ -3,7 +3,7 @@
 from .apollo import ApolloAdamW, ApolloMiniAdamW
 from .fira import FiraAdamW
 from .frugal import FrugalAdamW
-from .galore import GaLoreAdamW
+from .galore import GaLoreAdafactor, GaLoreAdamW
 from .groups import describe, param_groups
 from .layerwise import LayerwiseUpdates
 from .subspace import SubspaceAdamW
@@ -13,6 +13,7 @@ __all__ = [
     "ApolloMiniAdamW",
     "FiraAdamW",
     "FrugalAdamW",
+    "GaLoreAdafactor",
     "GaLoreAdamW",
     "LayerwiseUpdates",
     "SubspaceAdamW",

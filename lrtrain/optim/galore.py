@@ -24,3 +24,28 @@ class GaLoreAdamW(SubspaceAdamW):
     """
 
     preset = {"residual": "none", "refresh_moments": "keep", "adam_style": "hf", "scale": 0.25}
+
+
+class GaLoreAdafactor(SubspaceAdamW):
+    """GaLore with Adafactor in the subspace (``galore_torch.GaLoreAdafactor``): Adafactor's
+    factored second moment (row and column means of R²), relative step size, update clipping and
+    optional first moment on R, then ``W ← W·(1 - lr_t·wd) - scale·back(U)``; plain groups run
+    Adafactor itself. Arguments as HF/galore-torch's Adafactor: ``lr=None`` with
+    ``relative_step=True`` (ρ_t = min(1e-2, 1/√t)), ``eps=(ε1, ε2)`` (added to G²; the floor of the
+    parameter scale), ``beta1=None`` (no first moment). The statistics stay in float32 for bf16
+    weights and are kept across refreshes; the state holds tensors only (no ``RMS`` entry: it is
+    recomputed from W every step).
+    """
+
+    preset = {"inner": "adafactor", "residual": "none", "refresh_moments": "keep", "scale": 0.25}
+
+    def __init__(self, params, lr: float | None = None, eps: tuple[float, float] = (1e-30, 1e-3),
+                 clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
+                 weight_decay: float = 0.0, scale_parameter: bool = True, relative_step: bool = True,
+                 warmup_init: bool = False, **options):
+        if lr is not None and relative_step:
+            raise ValueError("lr and relative_step=True do not combine: pass relative_step=False to use lr")
+        super().__init__(params, lr=0.0 if lr is None else lr, betas=(beta1 or 0.0, 0.0), eps=eps[0],
+                         weight_decay=weight_decay, eps_scale=eps[1], clip_threshold=clip_threshold,
+                         decay_rate=decay_rate, scale_parameter=scale_parameter, relative_step=relative_step,
+                         warmup_init=warmup_init, **options)

@@ -85,6 +85,7 @@ from .projector import (
 ADAM_STYLES = ("hf", "torch")
 RESIDUALS = ("none", "fira", "apollo", "sign_sgd", "sgd")
 SCALE_TYPES = ("channel", "tensor")
+INNER = ("adam", "adafactor")
 REFRESH_MOMENTS = ("keep", "reset", "project")
 BLOCK_ORDERS = ("random", "ascending", "descending", "mirror")
 ON_NONFINITE = ("skip", "raise")
@@ -112,6 +113,13 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "fused": None,
     "stagger_refresh": False,
     "scale_type": "channel",
+    "inner": "adam",
+    "clip_threshold": 1.0,
+    "decay_rate": -0.8,
+    "relative_step": False,
+    "scale_parameter": False,
+    "warmup_init": False,
+    "eps_scale": 1e-3,
 }
 #: Keys whose presence makes a group a subspace group (never defaults).
 MARKER_KEYS = ("rank", "density")
@@ -192,6 +200,60 @@ def adamw_(param: Tensor, grad: Tensor, state: dict, group: dict, lr_scale: floa
         p.addcdiv_(exp_avg, adam_denominator_(exp_avg, exp_avg_sq, g, step, group), value=-step_size)
     if wd and not decay_first:
         param.mul_(1.0 - lr * wd)
+
+
+# --------------------------------------------------------------------------- Adafactor math (GaLoreAdafactor)
+
+
+def rms(tensor: Tensor) -> Tensor:
+    """‖x‖₂ / √numel (0-d)."""
+    return tensor.norm(2) / tensor.numel() ** 0.5
+
+
+def adafactor_lr(group: dict, step: float, weight_rms: Tensor) -> float:
+    """Adafactor's step size: ρ_t = min(1e-2 (or 1e-6·t with ``warmup_init``), 1/√t) with
+    ``relative_step``, else lr; times max(eps_scale, RMS(W)) with ``scale_parameter``."""
+    rate = float(group["lr"])
+    if group["relative_step"]:
+        rate = min(1e-6 * step if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(step))
+    return rate * max(group["eps_scale"], float(weight_rms)) if group["scale_parameter"] else rate
+
+
+def init_adafactor_state(state: dict, grad: Tensor, use_first_moment: bool) -> None:
+    """Zero statistics for ``grad``'s shape: factored row/column means of G² for matrices
+    (``exp_avg_sq_row`` (m,), ``exp_avg_sq_col`` (n,)), a full ``exp_avg_sq`` for vectors, and
+    ``exp_avg`` when β1 > 0."""
+    if use_first_moment:
+        state["exp_avg"] = torch.zeros_like(grad)
+    if grad.dim() >= 2:
+        state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[:-1])
+        state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
+    else:
+        state["exp_avg_sq"] = torch.zeros_like(grad)
+
+
+def adafactor_update(grad: Tensor, state: dict, group: dict, step: float, lr: float) -> Tensor:
+    """Adafactor's update U (the shape of ``grad``), updating its statistics (β̂2 = 1 - t^decay_rate)::
+
+        V̂ = row·colᵀ / mean(row)   (factored)  or  V ← β̂2·V + (1-β̂2)·(G² + ε)
+        U = G/√V̂;  U ← U / max(1, RMS(U)/clip_threshold);  U ← lr·U;  with β1: M ← β1·M + (1-β1)·U, U = M
+    """
+    beta2t = 1.0 - step ** group["decay_rate"]
+    squared = grad.square().add_(group["eps"])
+    if "exp_avg_sq_row" in state:
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        row.mul_(beta2t).add_(squared.mean(dim=-1), alpha=1.0 - beta2t)
+        col.mul_(beta2t).add_(squared.mean(dim=-2), alpha=1.0 - beta2t)
+        row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+        update = torch.mul(row_factor, col.unsqueeze(-2).rsqrt()).mul_(grad)
+    else:
+        state["exp_avg_sq"].mul_(beta2t).add_(squared, alpha=1.0 - beta2t)
+        update = state["exp_avg_sq"].rsqrt().mul_(grad)
+    update.div_((rms(update) / group["clip_threshold"]).clamp_(min=1.0)).mul_(lr)
+    if "exp_avg" in state:
+        beta1 = group["betas"][0]
+        update = state["exp_avg"].mul_(beta1).add_(update, alpha=1.0 - beta1)
+    return update
 
 
 # --------------------------------------------------------------------------- residual rules
@@ -325,6 +387,9 @@ def validate_options(group: dict) -> None:
     _check_choice("on_nonfinite", group["on_nonfinite"], ON_NONFINITE)
     _check_choice("basis_signs", group["basis_signs"], BASIS_SIGNS)
     _check_choice("scale_type", group["scale_type"], SCALE_TYPES)
+    _check_choice("inner", group["inner"], INNER)
+    if group["inner"] == "adafactor":
+        _check_adafactor(group)
     if group["proj_method"] == "gaussian" and group["residual"] in ("fira", "sign_sgd", "sgd"):
         raise ValueError(f"residual={group['residual']!r} needs an orthonormal basis; proj_method='gaussian' "
                          "(APOLLO's) is not one: use svd, randomized or random")
@@ -338,6 +403,22 @@ def validate_options(group: dict) -> None:
         except ImportError as err:
             raise ValueError("state_bits=8 stores moments with bitsandbytes: pip install bitsandbytes "
                              "(or lrtrain[bnb])") from err
+
+
+def _check_adafactor(group: dict) -> None:
+    """inner="adafactor": GaLore's Adafactor; what it does not combine with is refused by name."""
+    if not group["clip_threshold"] > 0.0 or not group["eps_scale"] >= 0.0:
+        raise ValueError(f"clip_threshold must be > 0 and eps_scale >= 0; got {group['clip_threshold']}, "
+                         f"{group['eps_scale']}")
+    if group["warmup_init"] and not group["relative_step"]:
+        raise ValueError("warmup_init=True requires relative_step=True")
+    clashes = {"state_bits": (group["state_bits"], 32), "refresh_moments": (group["refresh_moments"], "keep"),
+               "residual": (group["residual"], "none"), "fused": (bool(group["fused"]), False)}
+    for key, (value, allowed) in clashes.items():
+        if value != allowed:
+            raise ValueError(f"inner='adafactor' (GaLoreAdafactor) runs with {key}={allowed!r}; got {value!r}")
+    if group["proj_method"] == "blocks":
+        raise ValueError("inner='adafactor' needs a subspace: proj_method='blocks' is FRUGAL's Adam mode")
 
 
 def _check_fused(group: dict) -> None:
@@ -605,7 +686,9 @@ class SubspaceAdamW(Optimizer):
         return self.param_groups[g], i, index
 
     def _step_param(self, group: dict, i: int, index: int, p: Tensor) -> None:
-        if is_projected(group):
+        if group["inner"] == "adafactor":
+            self._adafactor_param(group, i, index, p)
+        elif is_projected(group):
             self._subspace_param(group, i, index, p)
         else:
             self._dense_param(group, i, p)
@@ -624,6 +707,40 @@ class SubspaceAdamW(Optimizer):
         if not state:
             _init_dense_state(state, p, group["state_bits"])
         adamw_(p, grad, state, group)
+
+    def _adafactor_param(self, group: dict, i: int, index: int, p: Tensor) -> None:
+        """GaLore's Adafactor (``inner="adafactor"``): Adafactor on R, or on G in a plain group, then
+        W ← W·(1 - lr_t·wd) - scale·back(U) (plain: W - U), with U the clipped, lr_t-scaled update."""
+        if isinstance(p, DTensor):
+            raise NotImplementedError("inner='adafactor' does not take sharded (FSDP2) parameters; use DDP")
+        grad, state = self._grad(group, i, p).to(compute_dtype(p.dtype)), self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+        projected = is_projected(group)
+        if projected:
+            side, rank = param_layout(tuple(p.shape), group)
+            if refresh_due(group, state) and not self._refresh(group, i, index, p, grad, state, side, rank,
+                                                               matrix_shards(p)):
+                return
+            low = project(grad, state["basis"], side)
+            if "low_rank_grad" in state:
+                low.add_(state.pop("low_rank_grad"))
+        else:
+            low = grad
+        if "exp_avg_sq_row" not in state and "exp_avg_sq" not in state:
+            init_adafactor_state(state, low, use_first_moment=group["betas"][0] > 0.0)
+        step = float(state["step"].add_(1.0))
+        work = p if p.dtype == grad.dtype else p.to(grad.dtype)
+        lr = adafactor_lr(group, step, rms(work))
+        update = adafactor_update(low, state, group, step, lr)
+        if group["weight_decay"]:
+            work.mul_(1.0 - lr * group["weight_decay"])
+        if projected:
+            add_project_back_(work, update, state["basis"], side, alpha=-group["scale"])
+        else:
+            work.sub_(update)
+        if work is not p:
+            p.copy_(work)
 
     def _subspace_param(self, group: dict, i: int, index: int, p: Tensor) -> None:
         lr = float(group["lr"])
@@ -671,7 +788,7 @@ class SubspaceAdamW(Optimizer):
         sharded) float32/half matrix with 32-bit moments, a float basis, no low-rank accumulation."""
         choice = group["fused"]
         if choice is False or group["state_bits"] != 32 or group["proj_method"] == "coordinates" \
-                or group["residual"] == "apollo":
+                or group["residual"] == "apollo" or group["inner"] != "adam":
             return False
         if isinstance(p, DTensor) or "low_rank_grad" in state or p.dtype == torch.float64:
             return False
@@ -742,6 +859,8 @@ class SubspaceAdamW(Optimizer):
             gap = group["update_proj_gap"]
             first = gap - (index * gap) // len(group["params"]) if fresh else gap
             state["refresh_in"] = torch.tensor(first, dtype=torch.int64)
+        if fresh and group["inner"] == "adafactor":
+            return True  # its factored statistics start with its first update
         if fresh:
             low_shape = low_rank_shape(shape, side, rank)
             if group["state_bits"] == 8:

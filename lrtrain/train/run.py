@@ -15,7 +15,16 @@ from torch import nn
 
 from ..data import load_data
 from ..models import build_model
-from ..optim import ApolloAdamW, ApolloMiniAdamW, FiraAdamW, FrugalAdamW, GaLoreAdamW, LayerwiseUpdates, param_groups
+from ..optim import (
+    ApolloAdamW,
+    ApolloMiniAdamW,
+    FiraAdamW,
+    FrugalAdamW,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    LayerwiseUpdates,
+    param_groups,
+)
 from ..param import SSTController, conversion_summary, convert
 from .distributed import apply_fsdp2, init_distributed, local_projection_placements, wrap_ddp
 from .logger import RunLogger
@@ -37,10 +46,13 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "frugal": FrugalAdamW,
     "apollo": ApolloAdamW,
     "apollo_mini": ApolloMiniAdamW,
+    "galore_adafactor": GaLoreAdafactor,
 }
 CONSTRUCTOR_KEYS = ("lr", "betas", "eps", "weight_decay")
-#: Subspace-optimizer options for every group, the plain one (embeddings, head, norms) included.
-OPTIMIZER_WIDE_KEYS = ("state_bits",)
+#: Subspace-optimizer options for every group, the plain one (embeddings, head, norms) included
+#: (GaLoreAdafactor's Adafactor arguments among them).
+OPTIMIZER_WIDE_KEYS = ("state_bits", "beta1", "clip_threshold", "decay_rate", "relative_step", "scale_parameter",
+                       "warmup_init")
 #: Keys of the sst parameterization config that drive its controller rather than its layers.
 SST_CONTROLLER_KEYS = ("sample_every", "iterations_per_round")
 #: Settings that change how a run is watched, not what it computes: they may differ on resume.
