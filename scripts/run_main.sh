@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The main job: set up (first run only), then pretrain a tiny LLaMA on the embedded Shakespeare
-# corpus with AdamW, GaLore, Fira, FRUGAL, SLTrain and SST (one hydra multirun; wandb offline) and compare them:
+# corpus with AdamW, GaLore, Fira, FRUGAL, APOLLO, APOLLO-Mini, GaLore-Adafactor, SLTrain and SST (one hydra
+# multirun; wandb offline) and compare them:
 # outputs/sweeps/cpu_compare/report.md with its plots. Extra arguments go to the multirun
 # (e.g. train.steps=100). Finished runs are not trained again; delete the folder to start over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-.venv/bin/python scripts/pretrain.py -m experiment=cpu_compare method=adamw,galore,fira,frugal,sltrain,sst \
+.venv/bin/python scripts/pretrain.py -m experiment=cpu_compare method=adamw,galore,fira,frugal,apollo,apollo_mini,galore_adafactor,sltrain,sst \
   sweep_name=cpu_compare "$@"
 .venv/bin/python scripts/compare.py outputs/sweeps/cpu_compare
