@@ -729,7 +729,7 @@ class SubspaceAdamW(Optimizer):
             low = grad
         if "exp_avg_sq_row" not in state and "exp_avg_sq" not in state:
             init_adafactor_state(state, low, use_first_moment=group["betas"][0] > 0.0)
-        step = float(state["step"].add_(1.0))
+        step = count_step(state)
         work = p if p.dtype == grad.dtype else p.to(grad.dtype)
         lr = adafactor_lr(group, step, rms(work))
         update = adafactor_update(low, state, group, step, lr)
@@ -758,9 +758,7 @@ class SubspaceAdamW(Optimizer):
             return
         side = shards.view_side(side)
         basis = shards.basis_view(state["basis"], side, compute_dtype(p.dtype))
-        step = float(state["step"].add_(1.0))
-        if "refresh_in" in state:
-            state["refresh_in"].sub_(1)
+        step = count_step(state)
         if fused:
             _fused_update(group, p, grad, basis, state, side, lr, step)
             return
@@ -963,6 +961,13 @@ class SubspaceAdamW(Optimizer):
             state = self.state[params[k]]
             _init_dense_state(state, params[k], group["state_bits"])
             state["active"] = torch.tensor(True)
+
+
+def count_step(state: dict) -> float:
+    """Advance a subspace matrix's step count (and its staggered-refresh countdown); the new step."""
+    if "refresh_in" in state:
+        state["refresh_in"].sub_(1)
+    return float(state["step"].add_(1.0))
 
 
 def refresh_due(group: dict, state: dict) -> bool:

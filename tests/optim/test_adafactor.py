@@ -87,3 +87,19 @@ def test_resume_is_exact():
 def test_refusals(options, match):
     with pytest.raises(ValueError, match=match):
         GaLoreAdafactor([{"params": [torch.nn.Parameter(torch.randn(8, 6))], "rank": 2}], **options)
+
+
+def test_staggered_refreshes(monkeypatch):
+    from lrtrain.optim.subspace import SubspaceAdamW
+
+    refreshed = []
+    original = SubspaceAdamW._refresh
+    monkeypatch.setattr(SubspaceAdamW, "_refresh", lambda self, group, index, *a: refreshed.append(index) or
+                        original(self, group, index, *a))
+    params = [torch.nn.Parameter(torch.randn(12, 10)) for _ in range(4)]
+    opt = GaLoreAdafactor([{"params": params, "rank": 3, "update_proj_gap": 4}], stagger_refresh=True)
+    for _ in range(9):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert sorted(refreshed) == sorted([0, 1, 2, 3] + [0, 0, 1, 1, 2, 2, 3, 3])  # each after 4-i, then 4 steps

@@ -182,3 +182,16 @@ def test_canonical_signs_make_the_basis_a_function_of_the_subspace(side):
     assert torch.equal(canonical_signs_(flipped, side), basis)
     nearby = canonical_signs_(svd_basis(g + 1e-13 * torch.randn_like(g), 6, side), side)
     torch.testing.assert_close(nearby, basis, rtol=0, atol=1e-9)
+
+
+def test_refresh_benchmark_runs_and_reports_the_energy():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "scripts/bench_refresh.py", "--model", "llama_tiny", "--ranks", "16",
+                           "--power-iters", "2", "--seq", "64", "--rounds", "1"],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, check=True)
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| 352x128")]
+    assert [row[3].strip() for row in rows] == ["svd", "randomized, cold, 2 power iter.", "randomized, warm, 2 power iter."]
+    assert all(float(row[6]) >= 0.98 for row in rows)  # captured energy relative to the exact SVD's
