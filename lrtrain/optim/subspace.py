@@ -871,12 +871,12 @@ class SubspaceAdamW(Optimizer):
             zero_moments_(state)
             state["step"].zero_()
         elif group["refresh_moments"] == "project":
-            if shards.distributed:
-                raise NotImplementedError("refresh_moments='project' is not implemented for sharded (FSDP2) "
-                                          "matrices: use 'keep' or 'reset'")
+            # T from the whole bases (the same on every rank), applied to this rank's view of the
+            # moments: a transposed view (a dim-1 split) swaps the side and transposes T.
             transition = basis_transition(previous, basis, side, shape)
-            with float_moments(state, identity) as (exp_avg, exp_avg_sq):
-                rotate_moments_(exp_avg, exp_avg_sq, transition.to(exp_avg.dtype), side)
+            transition = transition.T if shards.transposed else transition
+            with float_moments(state, shards.view) as (exp_avg, exp_avg_sq):
+                rotate_moments_(exp_avg, exp_avg_sq, transition.to(exp_avg.dtype), view_side)
         return True
 
     @staticmethod

@@ -27,6 +27,8 @@ CASES = {
     "frugal-svd-sign": (FrugalAdamW, {}),
     "frugal-coordinates": (FrugalAdamW, {"proj_method": "coordinates"}),
     "frugal-sgd-randomized": (FrugalAdamW, {"proj_method": "randomized", "residual": "sgd"}),
+    "galore-svd-project": (GaLoreAdamW, {"refresh_moments": "project"}),
+    "frugal-coordinates-project": (FrugalAdamW, {"proj_method": "coordinates", "refresh_moments": "project"}),
     "frugal-blocks": (FrugalAdamW, {"rank": None, "density": 0.5, "proj_method": "blocks", "block_order": "random"}),
 }
 
