@@ -65,9 +65,9 @@ class MatrixShards:
         if not basis.is_floating_point():
             if view_side == "right" or not self.distributed:
                 return basis
-            one_hot = torch.zeros(self.shape[0], basis.numel(), dtype=dtype, device=basis.device)
-            one_hot[basis, torch.arange(basis.numel(), device=basis.device)] = 1.0
-            return one_hot[self.rows]
+            from ..optim.projector import dense_basis  # imported here: lrtrain.optim imports this module
+
+            return dense_basis(basis, "left", self.shape).to(dtype)[self.rows]
         b = basis.T if self.transposed else basis
         return b[self.rows] if view_side == "left" and self.distributed else b
 

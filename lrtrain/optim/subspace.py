@@ -426,10 +426,17 @@ def _check_fused(group: dict) -> None:
     if not kernels_available():
         raise ValueError("fused=True runs lrtrain's Triton kernels: pip install triton (or lrtrain[kernels]), "
                          "or leave fused=None (kernels where they apply) or False")
-    if group["state_bits"] != 32 or group["proj_method"] in ("coordinates", "blocks") or group["residual"] == "apollo":
+    if not kernels_cover(group):
         raise ValueError(f"fused=True covers 32-bit moments, float bases and the GaLore, Fira and FRUGAL rules; this "
                          f"group has state_bits={group['state_bits']}, proj_method={group['proj_method']!r}, "
-                         f"residual={group['residual']!r}: use fused=None or False")
+                         f"residual={group['residual']!r}, inner={group['inner']!r}: use fused=None or False")
+
+
+def kernels_cover(group: dict) -> bool:
+    """Whether lrtrain.kernels implement this group's step: Adam with 32-bit moments on a float
+    basis, under the GaLore, Fira or FRUGAL rule."""
+    return (group["state_bits"] == 32 and group["proj_method"] not in ("coordinates", "blocks")
+            and group["residual"] != "apollo" and group["inner"] == "adam")
 
 
 @functools.cache
@@ -785,8 +792,7 @@ class SubspaceAdamW(Optimizer):
         on CPU tensors, which only the Triton interpreter runs) where it applies: a whole (not
         sharded) float32/half matrix with 32-bit moments, a float basis, no low-rank accumulation."""
         choice = group["fused"]
-        if choice is False or group["state_bits"] != 32 or group["proj_method"] == "coordinates" \
-                or group["residual"] == "apollo" or group["inner"] != "adam":
+        if choice is False or not kernels_cover(group):
             return False
         if isinstance(p, DTensor) or "low_rank_grad" in state or p.dtype == torch.float64:
             return False
