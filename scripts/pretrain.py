@@ -24,7 +24,7 @@ from lrtrain.train.run import run
 @hydra.main(version_base=None, config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
-    with open_dict(cfg):  # one sweep name for all runs of a sweep (``now`` differs per run), none for a run
+    with open_dict(cfg):  # the sweep folder's name for every job of a sweep, none for a single run
         cfg.sweep_name = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     summary = run(config, hydra_cfg.runtime.output_dir)

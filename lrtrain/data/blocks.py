@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from tokenizers import Tokenizer
 
-from .tokenizer import atomic_write, tokenizer_hash
+from ..files import atomic_write
+from .tokenizer import tokenizer_hash
 
 
 def _encode(tokenizer: Tokenizer, docs: list[str], eot_id: int) -> list[int]:

@@ -6,6 +6,7 @@ Every loader returns plain strings (one per document); tokenizing and packing li
 
 from __future__ import annotations
 
+import codecs
 import functools
 import importlib.util
 import os
@@ -89,10 +90,26 @@ def check_files(files: dict[str, list[str] | str]) -> dict[str, tuple[str, list[
             if ext not in _LOADERS:
                 raise ValueError(f"files[{split!r}]: cannot read {path!r}; supported extensions are {sorted(_LOADERS)}")
             kinds.add(_LOADERS[ext])
+            _check_is_text(split, path)
         if len(kinds) > 1:
             raise ValueError(f"files[{split!r}] mixes text and json files; use one kind per split")
         out[split] = (kinds.pop(), paths)
     return out
+
+
+def _check_is_text(split: str, path: str, probe: int = 1 << 16) -> None:
+    """Refuse a file whose first bytes are not UTF-8 text (a binary file given by mistake)."""
+    with open(path, "rb") as handle:
+        head = handle.read(probe)
+    problem = "it contains NUL bytes" if b"\0" in head else None
+    if problem is None:
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < probe)
+        except UnicodeDecodeError as error:
+            problem = f"byte {error.start} is not UTF-8"
+    if problem is not None:
+        raise ValueError(f"files[{split!r}]: {path!r} is not a text file ({problem}); give UTF-8 .txt, "
+                         ".json or .jsonl files")
 
 
 def load_text_files(
@@ -120,6 +137,8 @@ def load_text_files(
         bad = next((d for d in docs if not isinstance(d, str)), None)
         if bad is not None:
             raise ValueError(f"files[{split!r}]: field {field!r} holds a {type(bad).__name__}, not text")
+        if not any(d.strip() for d in docs):
+            raise ValueError(f"files[{split!r}] holds no text ({', '.join(paths)}): give files with documents in them")
         out[split] = docs
     return out
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
-import uuid
 from collections.abc import Callable, Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from ..files import atomic_write
 
 EOT = "<|endoftext|>"
 # End-of-document tokens of common pretrained tokenizers, tried in this order.
@@ -32,19 +33,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
-
-
-def atomic_write(path: pathlib.Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` on a temp file next to `path`, then move it into place (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"))
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def cached_bpe(

@@ -100,6 +100,15 @@ class LayerwiseUpdates:
             # it is the step as schedulers and step hooks see it.
             self.optimizer.step()
 
+    def discard(self) -> None:
+        """Forget the micro-batches of an abandoned step (a non-finite loss before the last
+        backward pass): the gradients accumulated whole and those folded into subspaces."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+                self.optimizer.state.get(p, {}).pop("low_rank_grad", None)
+        self._norm_sq = 0.0
+
     def _on_gradient(self, p: Tensor) -> None:
         if self._boundary:
             self.update(p)

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..data import load_data
+from ..files import FolderInUse, FolderLock, write_errors_named
 from ..models import build_model
 from ..optim import (
     ApolloAdamW,
@@ -27,9 +31,12 @@ from ..optim import (
 )
 from ..param import SSTController, conversion_summary, convert
 from .distributed import apply_fsdp2, init_distributed, local_projection_placements, wrap_ddp
-from .logger import RunLogger
+from .logger import METRICS_FILE, RUN_FILE, RunLogger
 from .loop import Trainer, TrainSettings
 from .schedule import build_scheduler
+from .sweep_names import register_resolvers
+
+register_resolvers()  # configs/train.yaml names runs and sweeps through them
 
 def adamw8bit(params, **kwargs) -> torch.optim.Optimizer:
     """bitsandbytes' AdamW8bit (imported when a config names it)."""
@@ -57,7 +64,33 @@ OPTIMIZER_WIDE_KEYS = ("state_bits", "beta1", "clip_threshold", "decay_rate", "r
 SST_CONTROLLER_KEYS = ("sample_every", "iterations_per_round")
 #: Settings that change how a run is watched, not what it computes: they may differ on resume.
 _NOT_FINGERPRINTED = {"eval_every", "eval_batches", "eval_batch_size", "log_every", "checkpoint_every",
-                      "keep_checkpoints", "resume", "track_memory", "progress"}
+                      "keep_checkpoints", "resume", "track_memory", "progress", "on_nonfinite"}
+#: What a run leaves in its folder; ``train.resume=never`` moves these aside before it starts.
+RUN_ARTIFACTS = ("checkpoints", METRICS_FILE, RUN_FILE, "wandb")
+REPLACED_DIR = ".replaced"
+
+
+def _check_number(name: str, value: Any, *, low: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number; got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}; got {value!r}")
+
+
+def _check_constructor_values(kwargs: Mapping[str, Any]) -> None:
+    """The constructor arguments a config gives, checked before any optimizer sees them."""
+    for key in ("lr", "weight_decay"):
+        if key in kwargs:
+            _check_number(f"optimizer.{key}", kwargs[key], low=0)
+    eps = kwargs.get("eps", 0.0)  # one number, or Adafactor's pair
+    for value in eps if isinstance(eps, Sequence) and not isinstance(eps, str) else [eps]:
+        _check_number("optimizer.eps", value, low=0)
+    if "betas" in kwargs:
+        betas = kwargs["betas"]
+        if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
+            raise ValueError(f"optimizer.betas must be a pair [beta1, beta2]; got {betas!r}")
+        for beta in betas:
+            _check_number("optimizer.betas", beta, low=0)
 
 
 def build_optimizer(spec: Mapping[str, Any], model: nn.Module) -> torch.optim.Optimizer:
@@ -70,6 +103,7 @@ def build_optimizer(spec: Mapping[str, Any], model: nn.Module) -> torch.optim.Op
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name must be one of {', '.join(OPTIMIZERS)}; got {name!r}")
     kwargs = {key: spec.pop(key) for key in CONSTRUCTOR_KEYS if key in spec}
+    _check_constructor_values(kwargs)
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     if name in ("adamw", "adamw8bit"):
@@ -145,12 +179,63 @@ def build_components(config: Mapping[str, Any], vocab_size: int, settings: Train
     return model, optimizer, after_step, layerwise
 
 
+def lock_run_folder(run_dir: Path, rank: int) -> FolderLock | None:
+    """Rank 0 takes the run folder's lock; every rank learns whether it got it (and fails alike)."""
+    lock, problem = None, None
+    if rank == 0:
+        try:
+            lock = FolderLock(run_dir).acquire()
+        except FolderInUse as error:
+            problem = str(error)
+        else:
+            if lock.previous_holder:
+                print(f"note: {run_dir} was locked by process {lock.previous_holder.get('pid')} on "
+                      f"{lock.previous_holder.get('host')}, which has stopped; this run takes over its folder")
+    if torch.distributed.is_initialized():
+        shared = [problem]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem is not None:
+        raise FolderInUse(problem)
+    return lock
+
+
+def move_previous_run_aside(run_dir: Path) -> Path | None:
+    """``train.resume=never`` over a folder that holds a run: move that run's files into
+    ``<run_dir>/.replaced/<time>/`` (kept, never mixed with the new run's) and say where."""
+    present = [run_dir / name for name in RUN_ARTIFACTS if (run_dir / name).exists()]
+    if not present:
+        return None
+    target = run_dir / REPLACED_DIR / time.strftime("%Y%m%d-%H%M%S")
+    with write_errors_named(target):
+        target.mkdir(parents=True, exist_ok=True)
+        for path in present:
+            os.replace(path, target / path.name)
+    print(f"train.resume=never: moved the previous run in {run_dir} to {target}")
+    return target
+
+
 def build_trainer(config: Mapping[str, Any], run_dir: str | os.PathLike) -> Trainer:
     """Everything a run needs, from ``config`` (the resolved hydra config as plain containers),
-    resumed from ``run_dir``'s latest checkpoint when there is one (``train.resume=auto``)."""
+    resumed from ``run_dir``'s newest complete checkpoint when there is one (``train.resume=auto``).
+    The run folder is locked for the trainer's lifetime (:meth:`Trainer.close` releases it)."""
+    run_dir = Path(run_dir)
     settings = TrainSettings.from_mapping(dict(config["train"]))
+    if isinstance(config["seed"], bool) or not isinstance(config["seed"], int):
+        raise ValueError(f"seed must be an integer; got {config['seed']!r}")
     torch.manual_seed(config["seed"])
     rank, world_size, device = init_distributed(select_device(config["device"]))
+    lock = lock_run_folder(run_dir, rank)
+    try:
+        return _build_trainer(config, run_dir, settings, rank, world_size, device, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build_trainer(config, run_dir: Path, settings: TrainSettings, rank: int, world_size: int,
+                   device: torch.device, lock: FolderLock | None) -> Trainer:
     data_cfg = dict(config["data"])
     data = load_data(
         data_cfg.pop("source"), seq_len=settings.seq_len, seed=config["seed"], cache_dir=data_cfg.pop("cache_dir"),
@@ -160,13 +245,18 @@ def build_trainer(config: Mapping[str, Any], run_dir: str | os.PathLike) -> Trai
                                                                rank=rank, world_size=world_size)
     scheduler = build_scheduler(optimizer, total_steps=settings.steps, warmup_steps=settings.warmup_steps,
                                 min_lr_ratio=settings.min_lr_ratio, cycle_length=settings.cycle_length)
+    if rank == 0 and settings.resume == "never":
+        move_previous_run_aside(run_dir)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     logger_cfg = dict(config["logger"])
     wandb = None if logger_cfg.pop("kind") == "none" else logger_cfg
     logger = RunLogger(run_dir, config["run_name"], dict(config), wandb=wandb, enabled=rank == 0)
     trainer = Trainer(model, optimizer, scheduler, data, settings, run_dir, logger, device=device,
                       fingerprint=fingerprint(config, world_size), rank=rank, world_size=world_size,
-                      after_step=after_step, layerwise=layerwise)
+                      after_step=after_step, layerwise=layerwise, lock=lock)
     start = trainer.resume_if_possible()
+    logger.start()
     if start and rank == 0:
         print(f"resuming {config['run_name']} from step {start} ({trainer.checkpoint_dir})")
     return trainer
@@ -174,13 +264,17 @@ def build_trainer(config: Mapping[str, Any], run_dir: str | os.PathLike) -> Trai
 
 def run(config: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
     """Train the run described by ``config`` in ``run_dir``; returns its summary (final metrics).
-    A run that has finished already is not trained again: its summary is returned."""
+    A run that has finished already is not trained again: its summary is returned (and written,
+    if the process that finished it stopped before it could write ``run.json``)."""
     trainer = build_trainer(config, run_dir)
-    if trainer.step >= trainer.settings.steps and (done := RunLogger.finished_summary(run_dir)) is not None:
-        if trainer.rank == 0:
-            print(f"{config['run_name']} finished already ({run_dir}); train.resume=never starts it over")
-        return done
-    summary = trainer.fit()
-    summary["run_name"] = config["run_name"]
-    trainer.logger.finish(summary)
-    return summary
+    try:
+        if trainer.step >= trainer.settings.steps and (done := RunLogger.finished_summary(run_dir)) is not None:
+            if trainer.rank == 0:
+                print(f"{config['run_name']} finished already ({run_dir}); train.resume=never starts it over")
+            return done
+        summary = trainer.fit()
+        summary["run_name"] = config["run_name"]
+        trainer.logger.finish(summary)
+        return summary
+    finally:
+        trainer.close()

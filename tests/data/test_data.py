@@ -215,8 +215,19 @@ def test_local_files(tmp_path):
     changed = load_data("files", files=files, text_field="body", seq_len=8, vocab_size=300, cache_dir=cache)
     assert len(list((cache / "tokenizers").iterdir())) == 2
     assert changed.tokenizer.decode(changed.train.tokens.tolist()).startswith("changed text\n")
-    no_val = load_data("files", files={"train": files["train"]}, seq_len=8, vocab_size=300, cache_dir=cache)
-    assert no_val.validation is None
+    # without validation files (or with validation: null, the config's default) the tail is held out
+    whole = changed.train.tokens
+    for given in ({"train": files["train"]}, {"train": files["train"], "validation": None}):
+        held = load_data("files", files=given, seq_len=8, vocab_size=300, cache_dir=cache)
+        n_val = held.validation.tokens.numel()
+        assert n_val == max(9, round(0.05 * (held.train.tokens.numel() + n_val)))
+        assert torch.equal(torch.cat([held.train.tokens, held.validation.tokens]), whole)
+    unvalidated = load_data("files", files={"train": files["train"]}, seq_len=8, vocab_size=300, cache_dir=cache,
+                            validation_fraction=0)
+    assert unvalidated.validation is None and torch.equal(unvalidated.train.tokens, whole)
+    # the fingerprint follows the tokens: same data, same fingerprint; other text, another one
+    assert load_data("files", files=files, text_field="body", seq_len=8, vocab_size=300,
+                     cache_dir=cache).fingerprint == changed.fingerprint != data.fingerprint
 
 
 def test_bad_inputs(tmp_path):
@@ -236,6 +247,28 @@ def test_bad_inputs(tmp_path):
         load_data("files", files={"validation": files["validation"]}, seq_len=8, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="seq_len"):
         load_data("shakespeare", seq_len=0, cache_dir=tmp_path)
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"files\['train'\]: .*weights.txt' is not a text file \(it contains NUL"):
+        load_data("files", files={"train": [str(binary)]}, seq_len=8, cache_dir=tmp_path)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt' is not a text file .byte 3 is not UTF-8"):
+        load_data("files", files={"train": [str(latin1)]}, seq_len=8, cache_dir=tmp_path)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(ValueError, match=r"files\['validation'\] holds no text .*empty.txt"):
+        load_data("files", files={"train": files["train"], "validation": [str(empty)]}, seq_len=8,
+                  vocab_size=300, cache_dir=tmp_path)
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("a b")
+    with pytest.raises(ValueError, match="the validation split of data source 'files'.*fewer than seq_len"):
+        load_data("files", files={"train": files["train"], "validation": [str(tiny)]}, seq_len=8,
+                  vocab_size=300, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="too few to hold out a validation block"):
+        load_data("files", files={"train": [str(tiny)]}, seq_len=8, vocab_size=300, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="validation_fraction must be a number in"):
+        load_data("files", files={"train": files["train"]}, seq_len=8, cache_dir=tmp_path, validation_fraction=1)
 
 
 # ---- C4 and pretrained tokenizers, offline ------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lrtrain.memory import PeakMemory, TensorMemoryTracker, module_bytes
-from lrtrain.train import RunLogger, build_scheduler, latest_checkpoint, load_checkpoint, save_checkpoint, warmup_cosine
+from lrtrain.train import RunLogger, build_scheduler, latest_complete_checkpoint, load_checkpoint, save_checkpoint, warmup_cosine
 from lrtrain.train.checkpoint import checkpoints, load_trainer_state
 
 
@@ -64,8 +64,8 @@ def test_checkpoints_roundtrip_and_keep(tmp_path):
         save_checkpoint(tmp_path, step, model, opt, {"step": step, "meta": {"a": [1, 2]}}, keep=2)
     assert [p.name for p in checkpoints(tmp_path)] == ["step-00000007", "step-00000010"]
     fresh, fresh_opt = _model_and_optimizer(1)
-    load_checkpoint(latest_checkpoint(tmp_path), fresh, fresh_opt)
-    assert load_trainer_state(latest_checkpoint(tmp_path)) == {"step": 10, "meta": {"a": [1, 2]}}
+    load_checkpoint(latest_complete_checkpoint(tmp_path), fresh, fresh_opt)
+    assert load_trainer_state(latest_complete_checkpoint(tmp_path)) == {"step": 10, "meta": {"a": [1, 2]}}
     for p, q in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(p, q)
         for key, value in opt.state[p].items():
@@ -85,8 +85,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(dcp, "save", crash)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, 2, model, opt, {"step": 2})
-    assert latest_checkpoint(tmp_path).name == "step-00000001"  # the half-written one is never a checkpoint
-    assert load_trainer_state(latest_checkpoint(tmp_path)) == {"step": 1}
+    assert latest_complete_checkpoint(tmp_path).name == "step-00000001"  # the half-written one is never a checkpoint
+    assert load_trainer_state(latest_complete_checkpoint(tmp_path)) == {"step": 1}
 
 
 def test_tracker_counts_live_storages_exactly():

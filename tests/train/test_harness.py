@@ -89,7 +89,12 @@ def test_unknown_keys_are_refused(cache_dir, tmp_path):
      ("train.warmup_steps=8", "warmup_steps"), ("model.size=llama_3m", "unknown LLaMA size"),
      ("optimizer.name=sgd", "optimizer.name must be one of"), ("param.kind=lora", "kind must be one of"),
      ("param=sltrain", "rank"),
-     ("device=cuda", "CUDA is not available"), ("train.batch_size=0", "train.batch_size")],
+     ("device=cuda", "CUDA is not available"), ("train.batch_size=0", "train.batch_size"),
+     ("optimizer.lr=fast", "optimizer.lr must be a number; got 'fast'"),
+     ("train.grad_clip=high", "train.grad_clip must be a number; got 'high'"),
+     ("optimizer.betas=[0.9]", r"optimizer.betas must be a pair \[beta1, beta2\]; got \[0.9\]"),
+     ("seed=1.5", "seed must be an integer; got 1.5"), ("train.steps=true", "train.steps must be an integer >= 1; got True"),
+     ("train.on_nonfinite=ignore", "train.on_nonfinite must be one of raise, skip")],
 )
 def test_bad_values_fail_before_training(override, match, cache_dir, tmp_path):
     overrides = [*TINY, override]
@@ -102,6 +107,20 @@ def test_bad_values_fail_before_training(override, match, cache_dir, tmp_path):
     with pytest.raises(ValueError, match=match):
         build_trainer(config(*overrides), tmp_path)
     assert not checkpoints(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("content,split,match", [
+    (bytes(range(256)) * 16, "train", r"files\['train'\]: '.*model.bin.txt' is not a text file \(it contains NUL bytes\)"),
+    (b"", "validation", r"files\['validation'\] holds no text \(.*model.bin.txt\)")])
+def test_bad_data_files_fail_before_training(content, split, match, cache_dir, tmp_path):
+    bad, good = tmp_path / "model.bin.txt", tmp_path / "good.txt"
+    bad.write_bytes(content)
+    good.write_text("Friends, Romans, countrymen, lend me your ears.\n" * 100)
+    files = {"train": bad, "validation": good} if split == "train" else {"train": good, "validation": bad}
+    with pytest.raises(ValueError, match=match):
+        build_trainer(config(*TINY, "data=files", f"data.files.train=[{files['train']}]",
+                             f"data.files.validation=[{files['validation']}]"), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -139,14 +158,14 @@ def test_resume_equals_the_uninterrupted_run(method, cache_dir, tmp_path):
                  "model.recipe.update_proj_gap=3")
     whole = build_trainer(cfg, tmp_path / "whole")
     whole.fit()
-    whole.logger.finish({})
+    whole.close()
     interrupted = build_trainer(cfg, tmp_path / "cut")
     interrupted.fit(until_step=6)  # dies after step 6; its last checkpoint is step 4
-    interrupted.logger.finish({})
+    interrupted.close()
     resumed = build_trainer(cfg, tmp_path / "cut")
     assert resumed.step == 4
     resumed.fit()
-    resumed.logger.finish({})
+    resumed.close()
     keys = ("train/loss", "train/grad_norm", "lr")
     a, b = _metrics(tmp_path / "whole"), _metrics(tmp_path / "cut")
     assert [m["step"] for m in b] == list(range(1, 11))
