@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..memory import format_bytes
-from .logger import METRICS_FILE, RUN_FILE
+from .logger import METRICS_FILE, RUN_FILE, read_metrics
 
 GIB = 2**30
 
@@ -39,18 +39,26 @@ def run_label(config: dict[str, Any]) -> str:
 
 
 def load_runs(root: str | os.PathLike) -> list[RunRecord]:
-    """Every finished run below ``root`` (a run directory has ``run.json`` with a summary)."""
+    """Every finished run below ``root`` (a run directory has ``run.json`` with a summary; folders
+    whose name starts with a dot, such as the ``.replaced`` runs ``train.resume=never`` set aside,
+    are left out). Runs of one method (a learning-rate sweep) are labelled with their folder names."""
+    root = Path(root)
     runs = []
-    for run_file in sorted(Path(root).rglob(RUN_FILE)):
+    for run_file in sorted(root.rglob(RUN_FILE)):
+        if any(part.startswith(".") for part in run_file.relative_to(root).parts[:-1]):
+            continue
         record = json.loads(run_file.read_text())
         if record.get("summary") is None:
             continue
-        metrics_path = run_file.parent / METRICS_FILE
-        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+        metrics = read_metrics(run_file.parent / METRICS_FILE)[0]
         runs.append(RunRecord(run_file.parent, run_label(record["config"]), record["config"], record["summary"],
-                              [json.loads(line) for line in lines if line]))
+                              metrics))
     if not runs:
         raise FileNotFoundError(f"no finished runs (run.json with a summary) below {root}")
+    labels = [r.label for r in runs]
+    for r in runs:
+        if labels.count(r.label) > 1:
+            r.label = r.directory.name
     return runs
 
 

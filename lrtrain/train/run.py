@@ -80,7 +80,7 @@ def _check_number(name: str, value: Any, *, low: float | None = None) -> None:
 def _check_constructor_values(kwargs: Mapping[str, Any]) -> None:
     """The constructor arguments a config gives, checked before any optimizer sees them."""
     for key in ("lr", "weight_decay"):
-        if key in kwargs:
+        if key in kwargs and not (key == "lr" and kwargs[key] is None):  # lr null: Adafactor's relative step
             _check_number(f"optimizer.{key}", kwargs[key], low=0)
     eps = kwargs.get("eps", 0.0)  # one number, or Adafactor's pair
     for value in eps if isinstance(eps, Sequence) and not isinstance(eps, str) else [eps]:
