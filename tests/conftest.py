@@ -13,9 +13,28 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 
+from tests.tolerance import SEED, Tolerance  # noqa: E402
+
+
 @pytest.fixture(autouse=True)
 def _seed():
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
+
+
+@pytest.fixture(autouse=True)
+def _audited_assert_close(request, monkeypatch):
+    """Under scripts/audit_tolerances.py every torch.testing.assert_close records the share of its
+    bound it used, named by the test and the line that called it."""
+    from tests import tolerance as audit
+
+    if audit.LOG:
+        monkeypatch.setattr(torch.testing, "assert_close", audit.recording_assert_close(request.node.nodeid))
+
+
+@pytest.fixture
+def tolerance(request) -> Tolerance:
+    """Bounds that record how much of them each observation used (see tests/tolerance.py)."""
+    return Tolerance(request.node.nodeid)
 
 
 @pytest.fixture(scope="session")

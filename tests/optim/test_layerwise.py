@@ -9,6 +9,7 @@ from lrtrain.memory import PeakMemory
 from lrtrain.optim import FiraAdamW, FrugalAdamW, GaLoreAdamW, LayerwiseUpdates, param_groups
 from lrtrain.optim.layerwise import _squared_norm
 from tests.conftest import TinyLM
+from tests.tolerance import SEED
 
 CLASSES = [GaLoreAdamW, FiraAdamW, FrugalAdamW]
 
@@ -18,7 +19,7 @@ def _loss(model, tokens):
 
 
 def _pair(cls, dtype=torch.float32, **keys):
-    torch.manual_seed(0)
+    torch.manual_seed(SEED + 0)
     a = TinyLM(dim=32, hidden=48).to(dtype)
     b = TinyLM(dim=32, hidden=48).to(dtype)
     b.load_state_dict(a.state_dict())
@@ -98,7 +99,7 @@ def test_galore_frees_full_gradients_between_micro_batches():
 
 
 def test_peak_memory_drops_by_the_gradients():
-    torch.manual_seed(0)
+    torch.manual_seed(SEED + 0)
     models = [TinyLM(vocab=512, dim=256, hidden=512, layers=2) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     tokens = torch.randint(0, 512, (2, 16))
@@ -121,7 +122,7 @@ def test_peak_memory_drops_by_the_gradients():
     assert peaks[1] <= peaks[0] - 0.6 * grads, (peaks, grads)
 
 
-def test_clipping_uses_the_previous_steps_norm():
+def test_clipping_uses_the_previous_steps_norm(tolerance):
     a, opt_a, b, opt_b = _pair(FiraAdamW)
     batches = [[torch.randint(0, 32, (4, 9))] for _ in range(5)]
     layerwise = LayerwiseUpdates(opt_b, max_grad_norm=0.05)
@@ -138,7 +139,7 @@ def test_clipping_uses_the_previous_steps_norm():
         opt_a.zero_grad()
         with layerwise.micro_batch(0):
             _loss(b, tokens).backward()
-        assert layerwise.last_grad_norm == pytest.approx(norm, rel=1e-5)
+        tolerance.below("relative gap of the logged norm", abs(layerwise.last_grad_norm / norm - 1), 1e-5)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
 
@@ -163,9 +164,10 @@ def test_refusals():
         LayerwiseUpdates(blocks)
 
 
-def test_gradient_norm_needs_no_float32_copy():
+def test_gradient_norm_needs_no_float32_copy(tolerance):
     grad = torch.randn(512, 1024, dtype=torch.bfloat16)
     with PeakMemory("cpu", [grad]) as peak:
         squared = _squared_norm(grad)
-    assert squared == pytest.approx(float(grad.double().square().sum()), rel=2e-4)  # float32 accumulation
+    exact = float(grad.double().square().sum())
+    tolerance.below("float32-accumulated norm, relative error", abs(squared / exact - 1), 2e-4)
     assert peak.bytes - 2 * grad.numel() < 1024

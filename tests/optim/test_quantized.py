@@ -10,6 +10,7 @@ from lrtrain.memory import PeakMemory, state_bytes, tensor_bytes
 from lrtrain.optim import FiraAdamW, FrugalAdamW, GaLoreAdamW, param_groups
 from lrtrain.optim import quantized
 from tests.conftest import TinyLM, assert_resume_is_exact
+from tests.tolerance import SEED
 
 
 def _blocks(n):
@@ -39,13 +40,41 @@ def test_subspace_moments_in_8_bit():
 
 
 @pytest.mark.parametrize("cls", [GaLoreAdamW, FiraAdamW, FrugalAdamW])
-def test_8_bit_trains_like_32_bit(cls):
-    """Same model, data and seed: the 8-bit run's losses stay within 2 % of the 32-bit run's."""
-    batches = [torch.randint(0, 32, (8, 12))] * 30  # one batch, memorised
+def test_8_bit_moments_track_32_bit_on_the_same_gradients(cls, tolerance):
+    """Open loop (the gradients do not depend on the weights, so nothing is chaotic): 30 steps on
+    the same random gradients with 3 refreshes; the 8-bit weights' distance from the 32-bit ones,
+    relative to how far the 32-bit ones moved, is the quantization error of the moments alone."""
+    torch.manual_seed(SEED + 0)
+    model = TinyLM(dim=128, hidden=512)  # up_proj's moments: 512 x 16 = 8192 elements, 8-bit
+    start = [p.detach().clone() for p in model.parameters()]
+    grads = [[torch.randn_like(p) for p in model.parameters()] for _ in range(30)]
+    finals = {}
+    for bits in (32, 8):
+        with torch.no_grad():
+            for p, p0 in zip(model.parameters(), start):
+                p.copy_(p0)
+        opt = cls(param_groups(model, rank=16, update_proj_gap=10), lr=3e-3, state_bits=bits)
+        for step in grads:
+            for p, g in zip(model.parameters(), step):
+                p.grad = g.clone()
+            opt.step()
+        finals[bits] = [p.detach().clone() for p in model.parameters()]
+        if bits == 8:
+            up = model.layers[0].mlp["up_proj"].weight
+            assert opt.state[up]["exp_avg"].dtype == torch.uint8  # the subspace moments are 8-bit here
+    gap = max(float((a - b).norm() / (b - p0).norm()) for a, b, p0 in zip(finals[8], finals[32], start))
+    tolerance.below("8-bit distance / 32-bit movement", gap, 0.05)
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, FiraAdamW, FrugalAdamW])
+def test_8_bit_trains_like_32_bit(cls, tolerance):
+    """Closed loop: a memorised batch, 30 steps; the 8-bit run learns as much as the 32-bit one,
+    and their losses stay close at every step (a loose bound: this compares two trajectories)."""
+    batches = [torch.randint(0, 32, (8, 12))] * 30
     losses = {}
     for bits in (32, 8):
-        torch.manual_seed(0)
-        model = TinyLM(dim=128, hidden=512)  # up_proj's moments: 512 x 16 = 8192 elements, 8-bit
+        torch.manual_seed(SEED + 0)
+        model = TinyLM(dim=128, hidden=512)
         opt = cls(param_groups(model, rank=16, update_proj_gap=10), lr=3e-3, state_bits=bits)
         trace = []
         for tokens in batches:
@@ -55,20 +84,18 @@ def test_8_bit_trains_like_32_bit(cls):
             opt.step()
             trace.append(loss.item())
         losses[bits] = torch.tensor(trace)
-        if bits == 8:
-            up = model.layers[0].mlp["up_proj"].weight
-            assert opt.state[up]["exp_avg"].dtype == torch.uint8  # the subspace moments are 8-bit here
-    assert losses[8][-1] < losses[8][0] - 1.0
-    assert ((losses[8] - losses[32]).abs() / losses[32]).max() < 0.02
+    tolerance.above("8-bit loss drop over 30 steps", float(losses[8][0] - losses[8][-1]), 1.0)
+    tolerance.below("largest relative loss gap, 8-bit vs 32-bit", float(((losses[8] - losses[32]).abs()
+                                                                         / losses[32]).max()), 0.06)
 
 
-def test_dense_8_bit_is_close_to_bitsandbytes_adamw8bit():
+def test_dense_8_bit_is_close_to_bitsandbytes_adamw8bit(tolerance):
     """FRUGAL's plain groups use torch's AdamW formula; with 8-bit moments they track bitsandbytes'
     AdamW8bit (the same dynamic maps and 256-element blocks)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import bitsandbytes as bnb
-    torch.manual_seed(1)
+    torch.manual_seed(SEED + 1)
     ours = torch.nn.Parameter(torch.randn(256, 96))
     theirs = torch.nn.Parameter(ours.detach().clone())
     opt_ours = FrugalAdamW([ours], lr=1e-2, weight_decay=0.0, state_bits=8)
@@ -80,7 +107,7 @@ def test_dense_8_bit_is_close_to_bitsandbytes_adamw8bit():
         opt_ours.step()
         opt_theirs.step()
     moved = (ours - start).abs().mean()
-    assert (ours - theirs).abs().mean() < 0.02 * moved
+    tolerance.below("mean |ours - bitsandbytes| / mean movement", float((ours - theirs).abs().mean() / moved), 0.02)
 
 
 def test_chunked_updates_equal_one_chunk(monkeypatch):
@@ -88,7 +115,7 @@ def test_chunked_updates_equal_one_chunk(monkeypatch):
     results = []
     for chunk in (quantized.BLOCK * 16, 10**9):
         monkeypatch.setattr(quantized, "CHUNK", chunk)
-        torch.manual_seed(2)
+        torch.manual_seed(SEED + 2)
         p = torch.nn.Parameter(torch.randn(97, 301))  # 29197 elements: 8 chunks, the last one partial
         opt = GaLoreAdamW([p], lr=1e-2, state_bits=8)
         for _ in range(3):
@@ -100,7 +127,7 @@ def test_chunked_updates_equal_one_chunk(monkeypatch):
 
 
 def test_8_bit_resume_is_bit_exact_and_keeps_dtypes():
-    torch.manual_seed(3)
+    torch.manual_seed(SEED + 3)
     model = TinyLM(dim=128, hidden=512).to(torch.bfloat16)  # the 32 x 128 embedding: 4096 elements, 8-bit
     batches = [torch.randint(0, 32, (4, 10)) for _ in range(8)]
     make = lambda m: FrugalAdamW(param_groups(m, rank=16, update_proj_gap=3, proj_method="coordinates"),  # noqa: E731

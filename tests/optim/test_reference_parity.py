@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lrtrain.optim import FiraAdamW, GaLoreAdamW
+from tests.tolerance import SEED
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -51,9 +52,9 @@ def test_matches_reference_float32(ref_cls, scale_key, shape, proj_type):
 
 def test_changes_the_weights():
     """Guard against a vacuous comparison: the trajectory moves far beyond the tolerance."""
-    torch.manual_seed(1)
+    torch.manual_seed(SEED + 1)
     (w_ref, _), (w, _) = _trajectories(galore_torch.GaLoreAdamW, "scale", (40, 23), "std", 0.0)
-    torch.manual_seed(1)
+    torch.manual_seed(SEED + 1)
     w0 = torch.randn(40, 23)
     assert (w - w0).abs().max() > 1e-2
 
