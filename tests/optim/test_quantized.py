@@ -63,7 +63,7 @@ def test_8_bit_moments_track_32_bit_on_the_same_gradients(cls, tolerance):
             up = model.layers[0].mlp["up_proj"].weight
             assert opt.state[up]["exp_avg"].dtype == torch.uint8  # the subspace moments are 8-bit here
     gap = max(float((a - b).norm() / (b - p0).norm()) for a, b, p0 in zip(finals[8], finals[32], start))
-    tolerance.below("8-bit distance / 32-bit movement", gap, 0.05)
+    tolerance.below("8-bit distance / 32-bit movement", gap, 0.05)  # audited worst 0.018
 
 
 @pytest.mark.parametrize("cls", [GaLoreAdamW, FiraAdamW, FrugalAdamW])
@@ -84,6 +84,7 @@ def test_8_bit_trains_like_32_bit(cls, tolerance):
             opt.step()
             trace.append(loss.item())
         losses[bits] = torch.tensor(trace)
+    # audited (3 seeds x 1, 2 threads): drops >= 2.3, largest gap 0.018 (FRUGAL)
     tolerance.above("8-bit loss drop over 30 steps", float(losses[8][0] - losses[8][-1]), 1.0)
     tolerance.below("largest relative loss gap, 8-bit vs 32-bit", float(((losses[8] - losses[32]).abs()
                                                                          / losses[32]).max()), 0.06)
@@ -107,7 +108,8 @@ def test_dense_8_bit_is_close_to_bitsandbytes_adamw8bit(tolerance):
         opt_ours.step()
         opt_theirs.step()
     moved = (ours - start).abs().mean()
-    tolerance.below("mean |ours - bitsandbytes| / mean movement", float((ours - theirs).abs().mean() / moved), 0.02)
+    # audited: 6e-8 (the same codes, up to float32 rounding); the bound keeps a margin of about 16x
+    tolerance.below("mean |ours - bitsandbytes| / mean movement", float((ours - theirs).abs().mean() / moved), 1e-6)
 
 
 def test_chunked_updates_equal_one_chunk(monkeypatch):

@@ -134,8 +134,9 @@ def test_loss_falls_on_the_corpus(method, cache_dir, tmp_path, tolerance):
     losses = [m["train/loss"] for m in _metrics(tmp_path)]
     # random init: uniform over the vocabulary
     tolerance.below("|first loss - log(vocab)|", abs(losses[0] - math.log(4096)), 0.3)
-    tolerance.above("train loss drop (mean of the last 5 steps)", losses[0] - sum(losses[-5:]) / 5, 1.5)
-    tolerance.above("validation loss below the first train loss", losses[0] - summary["val/loss"], 1.5)
+    # audited (3 seeds x 1, 2 threads): the smallest drop is 1.62 (SST); the floor keeps a 2x margin
+    tolerance.above("train loss drop (mean of the last 5 steps)", losses[0] - sum(losses[-5:]) / 5, 0.75)
+    tolerance.above("validation loss below the first train loss", losses[0] - summary["val/loss"], 0.75)
     assert summary["val/ppl"] == pytest.approx(math.exp(summary["val/loss"]))
     assert (tmp_path / "run.json").exists() and checkpoints(tmp_path / "checkpoints")
 
