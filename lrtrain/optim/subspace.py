@@ -125,12 +125,9 @@ ENGINE_OPTIONS: dict[str, Any] = {
 MARKER_KEYS = ("rank", "density")
 #: Names from the reference packages, accepted and renamed.
 ALIASES = {"alpha": "scale", "state_free": "residual"}
-#: Other keys that torch.optim, lr schedulers and the engine itself (block mode) put in groups;
-#: known, so never taken for misspellings.
-_OTHER_GROUP_KEYS = {"params", "param_names", "initial_lr", "block_cursor"}
-#: State entries that keep their saved dtype on load (torch casts floating state to the param dtype).
-_KEEP_DTYPE = {"basis", "seed", "refresh_in", "limiter_norm", "active", "exp_avg_absmax", "exp_avg_sq_absmax", "low_rank_grad"}
+#: State entries kept on the CPU, and those stored in float32 whatever the weights (8-bit block scales).
 _ON_CPU = {"step", "seed", "refresh_in"}
+_FLOAT32 = {"exp_avg_absmax", "exp_avg_sq_absmax"}
 
 
 def is_projected(group: dict) -> bool:
@@ -470,14 +467,33 @@ def _validate_marker(group: dict) -> None:
         raise ValueError("residual='fira' needs a subspace; with proj_method='blocks' use 'sign_sgd', 'sgd' or 'none'")
 
 
+def is_near_certain_typo(key: str, known: str) -> bool:
+    """``key`` is one edit away from ``known``: a swapped pair or a wrong character (``rnak``,
+    ``scael``), or, for keys of 8 characters or more, one character added or dropped
+    (``update_proj_gaps``). Shorter plurals and prefixes (``ranks``, ``lr_scale``) are other
+    people's keys (schedulers, trainers, layer-wise decay), kept as torch keeps them."""
+    if key == known or min(len(key), len(known)) < 4:
+        return False
+    if len(key) == len(known):
+        diff = [i for i, (a, b) in enumerate(zip(key, known)) if a != b]
+        swapped = len(diff) == 2 and diff[1] == diff[0] + 1 and key[diff[0]] == known[diff[1]] \
+            and key[diff[1]] == known[diff[0]]
+        return len(diff) == 1 or swapped
+    shorter, longer = sorted((key, known), key=len)
+    if len(longer) - len(shorter) != 1 or len(known) < 8:
+        return False
+    return any(longer[:i] + longer[i + 1:] == shorter for i in range(len(longer)))
+
+
 def _check_misspelled(group: dict, known: set[str]) -> None:
+    """Refuse a group key that is a near-certain typo of one of lrtrain's own keys; keep every other."""
     for key in group:
         if key in known:
             continue
-        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
-        if close:
+        close = next((k for k in sorted(known) if is_near_certain_typo(key, k)), None)
+        if close is not None:
             raise ValueError(
-                f"unknown param-group key {key!r}: did you mean {close[0]!r}? "
+                f"unknown param-group key {key!r}: did you mean {close!r}? "
                 "(other extra keys are kept, as torch.optim keeps them)"
             )
 
@@ -547,15 +563,44 @@ class SubspaceAdamW(Optimizer):
     # ----------------------------------------------------------------- groups
 
     def add_param_group(self, param_group: dict) -> None:
+        """torch.optim's ``add_param_group`` plus lrtrain's checks; a group that fails them is not
+        added. A group whose parameters come with or without names unlike the groups already
+        there (``param_groups()`` gives ``(name, parameter)`` pairs) is adapted: its parameters
+        get names ``added.<group>.<i>``, or lose theirs."""
         group = _resolve_aliases(dict(param_group))
-        _check_misspelled(group, set(self.defaults) | set(MARKER_KEYS) | _OTHER_GROUP_KEYS)
+        _check_misspelled(group, set(self.defaults) | set(MARKER_KEYS))
+        group["params"] = self._match_naming(group["params"])
         super().add_param_group(group)
         group = self.param_groups[-1]
-        validate_options(group)
-        self._validate_state_bits(group)
-        if is_projected(group):
-            _validate_marker(group)
-            self._validate_projected_params(group)
+        try:
+            validate_options(group)
+            self._validate_state_bits(group)
+            for i, p in enumerate(group["params"]):
+                if p.is_complex():
+                    raise TypeError(f"{self._param_name(group, i)} is {p.dtype}: lrtrain's optimizers take real "
+                                    "floating-point tensors only; optimize it with torch.optim.AdamW, or train torch.view_as_real(p)")
+            if is_projected(group):
+                _validate_marker(group)
+                self._validate_projected_params(group)
+            if group["inner"] == "adafactor":
+                # Adafactor keeps a first moment only if it was built with one (beta1); see _adafactor_param
+                group.setdefault("first_moment", group["betas"][0] > 0.0)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+
+    def _match_naming(self, params) -> list:
+        """``params`` named (``(name, tensor)`` pairs) if the groups already here are, plain otherwise."""
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if not self.param_groups or not params:
+            return params
+        named_here = "param_names" in self.param_groups[0]
+        named_now = isinstance(params[0], tuple)
+        if named_here and not named_now:
+            return [(f"added.{len(self.param_groups)}.{i}", p) for i, p in enumerate(params)]
+        if named_now and not named_here:
+            return [p for _, p in params]
+        return params
 
     def _validate_state_bits(self, group: dict) -> None:
         if group["state_bits"] == 8 and any(isinstance(p, DTensor) for p in group["params"]):
@@ -569,7 +614,7 @@ class SubspaceAdamW(Optimizer):
         clamped = []
         for i, p in enumerate(group["params"]):
             name = self._param_name(group, i)
-            if p.is_complex() or not p.is_floating_point():
+            if not p.is_floating_point():
                 raise TypeError(
                     f"{name} has dtype {p.dtype}; a subspace group takes real floating-point tensors only: "
                     "move it to a group without 'rank'/'density'"
@@ -608,25 +653,33 @@ class SubspaceAdamW(Optimizer):
         for group in self.param_groups:
             for key, value in ENGINE_OPTIONS.items():
                 group.setdefault(key, self.defaults.get(key, value))
+            if group["inner"] == "adafactor":
+                group.setdefault("first_moment", group["betas"][0] > 0.0)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch.optim's load, except that the subspace state and 8-bit moments keep their saved
-        dtype (torch casts every floating state tensor to the parameter's dtype, which would turn a
-        float32 basis into bf16, int64 indices into floats and block scales into bf16) and ``seed``
-        stays on the CPU."""
-        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        """torch.optim's load, with three differences. Saved groups that lack lrtrain's keys (a
+        ``torch.optim.AdamW`` state dict) take this optimizer's values for them. Each floating state
+        entry gets the dtype a fresh step would create, from the saved tensor (not from torch's cast
+        to the parameter's dtype, which would turn a float32 basis into bf16): the compute dtype
+        (float32 for bf16/fp16/fp32 weights, float64 for float64 ones) in subspace, Adafactor and
+        8-bit groups, the parameter's dtype in plain AdamW groups; 8-bit codes, indices and seeds
+        keep theirs, block scales stay float32. ``step`` becomes a float32 CPU tensor (older state
+        dicts hold a number)."""
+        state_dict = dict(state_dict)
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) == len(self.param_groups):
+            state_dict["param_groups"] = [{**{k: v for k, v in mine.items() if k != "params"}, **saved}
+                                          for mine, saved in zip(self.param_groups, saved_groups)]
+        saved_ids = [pid for group in saved_groups for pid in group["params"]]
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
         ids = iter(saved_ids)
         for group in self.param_groups:
-            subspace = is_projected(group) and group["proj_method"] != "blocks"
-            own_dtype = subspace or group["state_bits"] == 8  # float32 or uint8 moments, not the param's dtype
-            keep = _KEEP_DTYPE | ({"exp_avg", "exp_avg_sq"} if own_dtype else set())
+            own_dtype = (is_projected(group) and group["proj_method"] != "blocks") or group["inner"] == "adafactor" \
+                or group["state_bits"] == 8
             for p in group["params"]:
-                saved = saved_state.get(next(ids), {})
-                for key in keep & saved.keys():
-                    value = saved[key]
-                    self.state[p][key] = value.to(device="cpu" if key in _ON_CPU else p.device)
+                for key, value in saved_state.get(next(ids), {}).items():
+                    self.state[p][key] = _loaded_entry(key, value, p, own_dtype)
 
     # ----------------------------------------------------------------- step
 
@@ -734,8 +787,14 @@ class SubspaceAdamW(Optimizer):
                 low.add_(state.pop("low_rank_grad"))
         else:
             low = grad
+        if group["betas"][0] > 0.0 and not group["first_moment"]:
+            raise ValueError(
+                f"{type(self).__name__} was built without a first moment (beta1=None), but betas[0] is now "
+                f"{group['betas'][0]}: a scheduler cycles momentum (OneCycleLR or CyclicLR with "
+                "cycle_momentum=True?). Pass cycle_momentum=False, or build it with beta1=... to keep one"
+            )
         if "exp_avg_sq_row" not in state and "exp_avg_sq" not in state:
-            init_adafactor_state(state, low, use_first_moment=group["betas"][0] > 0.0)
+            init_adafactor_state(state, low, use_first_moment=group["first_moment"])
         step = count_step(state)
         work = p if p.dtype == grad.dtype else p.to(grad.dtype)
         lr = adafactor_lr(group, step, rms(work))
@@ -1028,6 +1087,20 @@ def _fused_update(group: dict, weight: Tensor, grad: Tensor, basis: Tensor, stat
         state_free_lr = lr * scale * group["state_free_lr_scale"] * after
         project_back_update_(weight, direction, basis, side, keep=decay, alpha=step_size * scale * after,
                              residual=rule, gamma=state_free_lr, grad=grad, low=low)
+
+
+def _loaded_entry(key: str, value: Any, p: Tensor, own_dtype: bool) -> Any:
+    """A saved state entry as this engine stores it for ``p`` (see ``SubspaceAdamW.load_state_dict``)."""
+    if key == "step":
+        return torch.tensor(float(value), dtype=torch.float32)
+    if not torch.is_tensor(value):
+        return value
+    device = "cpu" if key in _ON_CPU else p.device
+    if key in _FLOAT32:
+        return value.to(device=device, dtype=torch.float32)
+    if value.is_floating_point():
+        return value.to(device=device, dtype=compute_dtype(p.dtype) if own_dtype else p.dtype)
+    return value.to(device=device)
 
 
 def _init_dense_state(state: dict, p: Tensor, bits: int) -> None:

@@ -1,0 +1,139 @@
+"""The torch.optim contract where users' loops lean on it: loading other optimizers' and other
+dtypes' state, old state dicts, add_param_group, complex parameters, momentum-cycling schedulers."""
+
+import io
+
+import pytest
+import torch
+
+from lrtrain.optim import ApolloAdamW, FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW, param_groups
+from tests.conftest import TinyLM, train_lm
+
+CLASSES = [GaLoreAdamW, FiraAdamW, FrugalAdamW, ApolloAdamW, GaLoreAdafactor]
+
+
+def _roundtrip(state_dict: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _batches(n=4):
+    return [torch.randint(0, 32, (4, 9)) for _ in range(n)]
+
+
+def test_bf16_adafactor_resumes():
+    """Its factored statistics stay float32 across a load (torch would cast them to bf16)."""
+    model = TinyLM().to(torch.bfloat16)
+    opt = GaLoreAdafactor(param_groups(model, rank=4, update_proj_gap=2))
+    train_lm(model, opt, _batches(3))
+    twin = TinyLM().to(torch.bfloat16)
+    twin.load_state_dict(model.state_dict())
+    twin_opt = GaLoreAdafactor(param_groups(twin, rank=4, update_proj_gap=2))
+    twin_opt.load_state_dict(_roundtrip(opt.state_dict()))
+    for p in twin.parameters():
+        assert all(v.dtype == torch.float32 for k, v in twin_opt.state[p].items() if k.startswith("exp_avg"))
+    batches = _batches(3)
+    train_lm(model, opt, batches)
+    train_lm(twin, twin_opt, batches)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls", [FrugalAdamW, GaLoreAdamW, FiraAdamW])
+def test_loads_a_torch_adamw_state_dict(cls):
+    """A run that started with torch.optim.AdamW continues with lrtrain's (its moments carried over)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 4))
+    adamw = torch.optim.AdamW([w], lr=1e-3)
+    for _ in range(3):
+        w.grad = torch.randn_like(w)
+        adamw.step()
+    ours = cls([torch.nn.Parameter(w.detach().clone())], lr=1e-3)
+    ours.load_state_dict(_roundtrip(adamw.state_dict()))
+    (p,) = ours.param_groups[0]["params"]
+    state = ours.state[p]
+    assert torch.equal(state["exp_avg"], adamw.state[w]["exp_avg"]) and float(state["step"]) == 3.0
+    assert ours.param_groups[0]["correct_bias"] is True  # this optimizer's value for a key AdamW lacks
+    p.grad = torch.randn_like(p)
+    ours.step()
+    assert float(state["step"]) == 4.0
+
+
+def test_a_float_step_in_an_old_state_dict():
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    opt = GaLoreAdamW([{"params": [w], "rank": 2}])
+    w.grad = torch.randn_like(w)
+    opt.step()
+    saved = _roundtrip(opt.state_dict())
+    saved["state"][0]["step"] = 1.0  # optimizers of torch < 1.12 (and some trainers) store a number
+    fresh = GaLoreAdamW([{"params": [w], "rank": 2}])
+    fresh.load_state_dict(saved)
+    w.grad = torch.randn_like(w)
+    fresh.step()
+    assert torch.is_tensor(fresh.state[w]["step"]) and float(fresh.state[w]["step"]) == 2.0
+
+
+@pytest.mark.parametrize("source,target", [(torch.float32, torch.float64), (torch.float64, torch.float32),
+                                           (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("cls", CLASSES)
+def test_state_loads_across_dtypes(cls, source, target):
+    """float32 state onto float64 weights and back is cast (as torch casts); bf16 weights keep
+    float32 subspace state."""
+    model = TinyLM().to(source)
+    opt = cls(param_groups(model, rank=4, update_proj_gap=2))
+    train_lm(model, opt, _batches(3))
+    other = TinyLM().to(target)
+    other_opt = cls(param_groups(other, rank=4, update_proj_gap=2))
+    other_opt.load_state_dict(_roundtrip(opt.state_dict()))
+    train_lm(other, other_opt, _batches(2))  # steps without a dtype mismatch
+    compute = torch.float64 if target == torch.float64 else torch.float32
+    up = other.layers[0].mlp["up_proj"].weight
+    assert other_opt.state[up]["basis"].dtype == compute
+    assert all(torch.isfinite(p).all() for p in other.parameters())
+
+
+def test_complex_parameters_are_refused_clearly():
+    z = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))
+    for group in ({"params": [z]}, {"params": [z], "rank": 2}):
+        with pytest.raises(TypeError, match=r"is torch.complex64: lrtrain's optimizers take real floating-point"):
+            GaLoreAdamW([group])
+
+
+def test_a_group_that_fails_validation_is_not_added():
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = GaLoreAdamW([w])
+    with pytest.raises(ValueError, match="projects 2-D weights only"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(5))], "rank": 2})
+    assert len(opt.param_groups) == 1
+    w.grad = torch.randn_like(w)
+    opt.step()  # still steps
+
+
+def test_unnamed_groups_join_named_ones_and_back():
+    model = TinyLM()
+    opt = GaLoreAdamW(param_groups(model, rank=4))  # (name, parameter) pairs: named groups
+    extra = torch.nn.Parameter(torch.randn(3))
+    opt.add_param_group({"params": [extra], "lr": 0.5})
+    assert opt.param_groups[-1]["param_names"] == ["added.2.0"] and opt.param_groups[-1]["lr"] == 0.5
+    plain = GaLoreAdamW([torch.nn.Parameter(torch.randn(3))])
+    plain.add_param_group({"params": [("bias", torch.nn.Parameter(torch.randn(2)))]})
+    assert "param_names" not in plain.param_groups[-1]
+
+
+def test_momentum_cycling_does_not_switch_on_adafactors_first_moment():
+    """OneCycleLR(cycle_momentum=True) writes betas[0]; GaLoreAdafactor built without beta1 refuses to
+    grow a full first moment from it (galore-torch refuses the scheduler); built with one, it cycles."""
+    model = TinyLM()
+    opt = GaLoreAdafactor(param_groups(model, rank=4))
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=10, cycle_momentum=True)
+    with pytest.raises(ValueError, match="without a first moment.*cycle_momentum=False"):
+        train_lm(model, opt, _batches(1))
+    opt = GaLoreAdafactor(param_groups(model, rank=4), beta1=0.9, relative_step=False, lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=10, cycle_momentum=True)
+    for _ in range(2):
+        train_lm(model, opt, _batches(1))
+        scheduler.step()
+    assert "exp_avg" in opt.state[model.layers[0].mlp["up_proj"].weight]
+    assert opt.param_groups[0]["betas"][0] != 0.9  # cycled
