@@ -127,6 +127,8 @@ MARKER_KEYS = ("rank", "density")
 ALIASES = {"alpha": "scale", "state_free": "residual"}
 #: State entries kept on the CPU, and those stored in float32 whatever the weights (8-bit block scales).
 _ON_CPU = {"step", "seed", "refresh_in"}
+#: The ``step`` of state allocated by torch.distributed.checkpoint's zero-gradient initialisation.
+PLACEHOLDER_STEP = -1.0
 _FLOAT32 = {"exp_avg_absmax", "exp_avg_sq_absmax"}
 
 
@@ -690,6 +692,14 @@ class SubspaceAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._forget_placeholder_state()
+        if self._allocating_only():
+            self._allocate_state()
+            return loss
+        self._step_groups()
+        return loss
+
+    def _step_groups(self) -> None:
         first_index = 0  # position of the group's first parameter in the optimizer: seeds use it
         for group in self.param_groups:
             if is_projected(group) and group["proj_method"] == "blocks":
@@ -699,13 +709,51 @@ class SubspaceAdamW(Optimizer):
                     if p.grad is not None:
                         self._step_param(group, i, first_index + i, p)
             first_index += len(group["params"])
-        return loss
+
+    def _allocating_only(self) -> bool:
+        """Whether this is torch.distributed.checkpoint's state initialisation (``_init_optim_state``,
+        called by ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` before anything has
+        stepped): the first step, every lr 0, every gradient zero."""
+        if self.state or any(float(group["lr"]) != 0.0 for group in self.param_groups):
+            return False
+        grads = [local(p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return bool(grads) and not any(bool(grad.any()) for grad in grads)
+
+    def _allocate_state(self) -> None:
+        """Create every state entry a first step creates (so that DCP can load a checkpoint into
+        them) and leave the optimizer as if it had not stepped: weights, group keys (block cursors)
+        untouched, and each entry marked by ``step = -1`` so that the next real step starts afresh
+        unless a checkpoint was loaded into it (:meth:`_forget_placeholder_state`)."""
+        saved = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
+        for group in self.param_groups:
+            group["weight_decay"] = 0.0  # lr is 0 and the gradients are zero: nothing else moves a weight
+        try:
+            self._step_groups()
+        finally:
+            for group, keys in zip(self.param_groups, saved):
+                for key in set(group) - set(keys) - {"params"}:
+                    del group[key]
+                group.update(keys)
+        for state in self.state.values():
+            state["step"] = torch.tensor(PLACEHOLDER_STEP)
+        self._placeholders = True
+
+    def _forget_placeholder_state(self) -> None:
+        """Drop the state :meth:`_allocate_state` made, where no checkpoint was loaded into it."""
+        if not getattr(self, "_placeholders", False):
+            return
+        for state in self.state.values():
+            step = state.get("step")
+            if torch.is_tensor(step) and float(step) == PLACEHOLDER_STEP:
+                state.clear()
+        self._placeholders = False
 
     @torch.no_grad()
     def step_param(self, p: Tensor) -> None:
         """Update ``p`` alone from its gradient, exactly as :meth:`step` updates it (for layer-wise
         updates: :class:`lrtrain.optim.LayerwiseUpdates`). FRUGAL's block mode chooses tensors per
         group and has no per-parameter step."""
+        self._forget_placeholder_state()
         group, i, index = self._locate(p)
         if is_projected(group) and group["proj_method"] == "blocks":
             raise ValueError("proj_method='blocks' reselects whole tensors per group; it has no per-parameter step")
@@ -718,6 +766,7 @@ class SubspaceAdamW(Optimizer):
         the next step's R) and free the full gradient; True if done. Only where the update needs
         nothing but R (the GaLore rule, ``residual="none"``), the basis exists and the next step is
         not a refresh (a refresh needs the whole accumulated gradient), on an unsplit parameter."""
+        self._forget_placeholder_state()
         group, _, _ = self._locate(p)
         state = self.state.get(p, {})
         if (p.grad is None or not is_projected(group) or group["proj_method"] == "blocks"

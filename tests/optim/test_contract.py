@@ -137,3 +137,70 @@ def test_momentum_cycling_does_not_switch_on_adafactors_first_moment():
         scheduler.step()
     assert "exp_avg" in opt.state[model.layers[0].mlp["up_proj"].weight]
     assert opt.param_groups[0]["betas"][0] != 0.9  # cycled
+
+
+INIT_CASES = [
+    (ApolloAdamW, {"rank": 4}), (FiraAdamW, {"rank": 4}),
+    (GaLoreAdamW, {"rank": 4, "proj_method": "randomized", "stagger_refresh": True}),
+    (FrugalAdamW, {"rank": None, "density": 0.5, "proj_method": "blocks"}),
+    (GaLoreAdafactor, {"rank": 4}), (FrugalAdamW, {"rank": 4, "state_bits": 8}),
+]
+
+
+@pytest.mark.parametrize("cls, options", INIT_CASES, ids=lambda x: getattr(x, "__name__", str(x)))
+def test_dcp_state_initialisation_is_not_a_step(cls, options):
+    """get_optimizer_state_dict on an optimizer that has not stepped runs a zero-gradient, lr 0
+    step (torch's _init_optim_state; torchtitan calls it at start-up). It allocates the state DCP
+    needs and changes nothing else: training afterwards equals training a fresh optimizer."""
+    import copy
+    import warnings
+
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = TinyLM(dim=64, hidden=96)
+    twin = copy.deepcopy(model)
+    lr = {} if cls is GaLoreAdafactor else {"lr": 1e-2}  # Adafactor: its relative step
+
+    def make(m):
+        return cls(param_groups(m, update_proj_gap=3, **options), **lr)
+
+    fresh, initialised = make(model), make(twin)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        allocated = get_optimizer_state_dict(twin, initialised)
+    assert allocated["state"] and all(p.grad is None for p in twin.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    batches = _batches(5)
+    train_lm(model, fresh, batches)
+    train_lm(twin, initialised, batches)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+        assert fresh.state[p].keys() == initialised.state[q].keys()
+        for key, value in fresh.state[p].items():
+            assert torch.equal(value, initialised.state[q][key]), key
+
+
+def test_dcp_load_into_the_initialised_state_resumes():
+    """The flow torchtitan uses: initialise, load a checkpoint into the allocated tensors, continue."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    model = TinyLM()
+    opt = FiraAdamW(param_groups(model, rank=4, update_proj_gap=2), lr=1e-2)
+    train_lm(model, opt, _batches(3))
+    twin = TinyLM()
+    twin.load_state_dict(model.state_dict())
+    twin_opt = FiraAdamW(param_groups(twin, rank=4, update_proj_gap=2), lr=1e-2)
+    with warnings.catch_warnings(), __import__("tempfile").TemporaryDirectory() as folder:
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=folder)
+        target = {"optim": get_optimizer_state_dict(twin, twin_opt)}
+        dcp.load(target, checkpoint_id=folder)
+        set_optimizer_state_dict(twin, twin_opt, target["optim"])
+    batches = _batches(3)
+    train_lm(model, opt, batches)
+    train_lm(twin, twin_opt, batches)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
