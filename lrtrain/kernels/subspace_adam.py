@@ -106,8 +106,13 @@ def _project_back_update_kernel(
             else:
                 coef = tl.load(coef_ptr + cols, mask=cols < N, other=0.0)[None, :]
             new -= gamma * coef * g
-        elif RESIDUAL == 2:
+        elif RESIDUAL == 2:  # sign-SGD; coef holds the round-off floor of each row (column)
+            if COEF_ON_ROWS:
+                floor = tl.load(coef_ptr + rows, mask=rows < M, other=0.0)[:, None]
+            else:
+                floor = tl.load(coef_ptr + cols, mask=cols < N, other=0.0)[None, :]
             residual = g - back_low
+            residual = tl.where(tl.abs(residual) <= floor, 0.0, residual)
             new -= gamma * tl.where(residual > 0, 1.0, tl.where(residual < 0, -1.0, 0.0))
         else:
             new -= gamma * (g - back_low)
@@ -144,10 +149,13 @@ def project_back_update_(weight: Tensor, direction: Tensor, basis: Tensor, side:
     """W ← keep·W - alpha·back(D) - gamma·T in one pass over W (see the module docstring for T).
 
     ``direction`` is D (low-rank shape); ``grad`` is needed by every residual rule, ``coef`` (m,) on
-    the right or (n,) on the left by "fira", ``low`` (R) by "sign_sgd" and "sgd"."""
+    the right or (n,) on the left by "fira" (its coefficients) and "sign_sgd" (the round-off floor
+    below which a residual entry counts as 0), ``low`` (R) by "sign_sgd" and "sgd"."""
     code = RESIDUAL_CODES[residual]
-    if code and grad is None or code == 1 and coef is None or code >= 2 and low is None:
-        raise ValueError(f"residual={residual!r} needs grad{', coef' if code == 1 else ', low' if code else ''}")
+    needs = {0: (), 1: ("grad", "coef"), 2: ("grad", "coef", "low"), 3: ("grad", "low")}[code]
+    given = {"grad": grad, "coef": coef, "low": low}
+    if any(given[name] is None for name in needs):
+        raise ValueError(f"residual={residual!r} needs {', '.join(needs)}")
     a, b = (direction, basis) if side == "right" else (basis, direction)
     a2, b2 = (a, b) if low is None else (low, basis) if side == "right" else (basis, low)
     g = grad if grad is not None else weight

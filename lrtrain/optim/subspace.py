@@ -330,10 +330,24 @@ def apollo_coefficients(
     return norm_growth_limit(phi, update_norm, state, gamma)
 
 
+#: Residual entries within this many float ulps of the gradient's norm along the projected dimension
+#: are round-off of the projection (measured worst for a gradient inside its subspace: 1.5 ulps).
+ROUNDOFF_ULPS = 16
+
+
+def roundoff_floor(grad: Tensor, side: str) -> Tensor:
+    """ROUNDOFF_ULPS·ε·‖G‖ along the dimension the basis spans: (m, 1) rows on the right side,
+    (1, n) columns on the left. An entry of G - back(R) at or below it is round-off, not gradient
+    outside the subspace, so sign-SGD leaves it at 0 instead of a whole lr-sized step."""
+    norms = torch.linalg.vector_norm(grad, dim=1 if side == "right" else 0, keepdim=True)
+    return norms.mul_(ROUNDOFF_ULPS * torch.finfo(grad.dtype).eps)
+
+
 def state_free_update_(
     weight: Tensor, grad: Tensor, low: Tensor | None, basis: Tensor | None, side: str, rule: str, lr: float
 ) -> None:
-    """W ← W - lr·rule(G - back(R)) for ``rule`` in sign_sgd | sgd (G itself when ``basis`` is None)."""
+    """W ← W - lr·rule(G - back(R)) for ``rule`` in sign_sgd | sgd (G itself when ``basis`` is None);
+    sign-SGD treats residual entries at round-off level (:func:`roundoff_floor`) as 0."""
     if rule == "sgd":
         weight.add_(grad, alpha=-lr)
         if basis is not None:
@@ -342,6 +356,7 @@ def state_free_update_(
     residual = grad.clone()
     if basis is not None:
         add_project_back_(residual, low, basis, side, alpha=-1.0)
+        residual.masked_fill_(residual.abs() <= roundoff_floor(grad, side), 0.0)
     weight.add_(residual.sign_(), alpha=-lr)
 
 
@@ -1134,8 +1149,9 @@ def _fused_update(group: dict, weight: Tensor, grad: Tensor, basis: Tensor, stat
                              gamma=step_size * after, grad=grad, coef=coef)
     else:
         state_free_lr = lr * scale * group["state_free_lr_scale"] * after
+        floor = roundoff_floor(grad.float(), side).flatten() if rule == "sign_sgd" else None
         project_back_update_(weight, direction, basis, side, keep=decay, alpha=step_size * scale * after,
-                             residual=rule, gamma=state_free_lr, grad=grad, low=low)
+                             residual=rule, gamma=state_free_lr, grad=grad, low=low, coef=floor)
 
 
 def _loaded_entry(key: str, value: Any, p: Tensor, own_dtype: bool) -> Any:

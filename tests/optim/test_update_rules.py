@@ -259,3 +259,34 @@ def test_fira_limiter_off_and_gamma():
     expected = reference_run(w0, grads, None, rule="fira", style="hf", refresh="keep", rank=3, gap=4, scale=0.25,
                              lr=1e-2, wd=0.0, gamma=1.01)
     torch.testing.assert_close(finals[2], expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("case", ["full_rank", "low_rank_gradient", "density_one"])
+def test_sign_sgd_ignores_round_off_of_a_gradient_inside_its_subspace(case, fused):
+    """When G lies in the subspace (rank = min(m, n), density 1, or a gradient of low rank), G - back(R)
+    is round-off; sign-SGD must not turn it into lr-sized steps: the run equals FRUGAL without its
+    state-free part, and gradients that differ in the last bit give runs that stay together."""
+    shape, steps = (24, 40), 6
+    torch.manual_seed(SEED + 7)
+    if case == "low_rank_gradient":  # every gradient in one 2-D column space (a left projection here)
+        columns = torch.randn(shape[0], 2)
+        grads = [columns @ torch.randn(2, shape[1]) for _ in range(steps)]
+    else:
+        grads = [torch.randn(*shape) for _ in range(steps)]
+    marker = {"density": 1.0} if case == "density_one" else {"rank": 2 if case == "low_rank_gradient" else 24}
+    w0 = torch.randn(*shape)
+
+    def run(residual, nudge=0.0):
+        w = torch.nn.Parameter(w0.clone())
+        opt = FrugalAdamW([{"params": [w], "update_proj_gap": 3, "residual": residual, **marker}], lr=1e-2,
+                          fused=fused)
+        for g in grads:
+            w.grad = g * (1 + nudge)
+            opt.step()
+        return w.detach()
+
+    free_of_residual = run("none")
+    torch.testing.assert_close(run("sign_sgd"), free_of_residual, rtol=1e-5, atol=1e-6)
+    nudged = run("sign_sgd", nudge=2**-23)  # the last bit of float32
+    assert (nudged - run("sign_sgd")).norm() / (free_of_residual - w0).norm() < 1e-3
