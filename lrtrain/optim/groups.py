@@ -20,6 +20,7 @@ def param_groups(
     update_proj_gap: int = 200,
     scale: float = 0.25,
     proj_type: str = "std",
+    no_decay: Iterable[str] = (),
     **more_group_keys: Any,
 ) -> list[dict]:
     """Param groups for the subspace optimizers (the galore-torch / HF layout).
@@ -28,8 +29,11 @@ def param_groups(
     :func:`lrtrain.targets.select_linear_modules`) form a group with ``rank``, ``update_proj_gap``, ``scale``,
     ``proj_type`` and ``more_group_keys`` (e.g. ``proj_method="random"``, or ``rank=None,
     density=0.25``); every other trainable parameter (embeddings, head, norms, biases) forms a plain
-    group. Parameters are given as ``(name, tensor)`` pairs, so the optimizer knows their names.
+    group. ``no_decay``: name substrings of plain parameters that train without weight decay, in a
+    group of their own with ``weight_decay=0.0`` (HF's convention: ``no_decay=("bias", "norm")``).
+    Parameters are given as ``(name, tensor)`` pairs, so the optimizer knows their names.
     """
+    no_decay = (no_decay,) if isinstance(no_decay, str) else tuple(no_decay)
     targets = {id(m.weight): m.weight for m in select_linear_modules(model, target_modules).values()}
     projected, plain, seen = [], [], set()
     for name, p in model.named_parameters():
@@ -38,7 +42,11 @@ def param_groups(
         seen.add(id(p))
         (projected if id(p) in targets and p.dim() == 2 else plain).append((name, p))
     keys = {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type}
+    undecayed = [(name, p) for name, p in plain if any(part in name for part in no_decay)]
+    plain = [(name, p) for name, p in plain if not any(part in name for part in no_decay)]
     groups = [{"params": plain}] if plain else []
+    if undecayed:
+        groups.append({"params": undecayed, "weight_decay": 0.0})
     groups.append({"params": projected, **keys, **more_group_keys})
     return groups
 

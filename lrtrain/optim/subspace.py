@@ -120,7 +120,11 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "scale_parameter": False,
     "warmup_init": False,
     "eps_scale": 1e-3,
+    "maximize": False,
 }
+#: torch.optim.AdamW's arguments that lrtrain does not implement: accepted at their defaults only.
+TORCH_ADAMW_DEFAULTS = {"amsgrad": False, "foreach": None, "capturable": False, "differentiable": False,
+                        "decoupled_weight_decay": True}
 #: Keys whose presence makes a group a subspace group (never defaults).
 MARKER_KEYS = ("rank", "density")
 #: Names from the reference packages, accepted and renamed.
@@ -379,6 +383,8 @@ def validate_options(group: dict) -> None:
     for i, beta in enumerate(betas):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"betas[{i}] must be in [0, 1); got {beta}")
+    if not isinstance(group["maximize"], bool):
+        raise ValueError(f"maximize must be True or False; got {group['maximize']!r}")
     for key in ("eps", "weight_decay", "scale", "state_free_lr_scale"):
         if not group[key] >= 0.0:
             raise ValueError(f"{key} must be >= 0; got {group[key]}")
@@ -557,6 +563,13 @@ class SubspaceAdamW(Optimizer):
         correct_bias: bool = True,
         **options: Any,
     ):
+        for key, default in TORCH_ADAMW_DEFAULTS.items():
+            if key in options and options.pop(key) != default:
+                raise TypeError(
+                    f"{type(self).__name__} does not implement torch.optim.AdamW's {key}={default!r} alternative; "
+                    "it takes lr, betas, eps, weight_decay, correct_bias, maximize and lrtrain's options "
+                    f"({', '.join(k for k in ENGINE_OPTIONS if k != 'maximize')})"
+                )
         for key in options:
             if key not in ENGINE_OPTIONS and key not in ALIASES:
                 close = difflib.get_close_matches(key, sorted(ENGINE_OPTIONS), n=1, cutoff=0.75)
@@ -576,6 +589,25 @@ class SubspaceAdamW(Optimizer):
         validate_options(defaults)
         self._positions: dict[int, tuple[int, int, int]] = {}  # id(param) -> (group, position, index)
         super().__init__(params, defaults)
+        if not any(is_projected(group) for group in self.param_groups):
+            warnings.warn(
+                f"{type(self).__name__} has no param group with 'rank' or 'density', so every parameter trains "
+                "with plain AdamW (e.g. the groups HF Trainer's optimizer_cls_and_kwargs builds): give it "
+                "lrtrain.optim.param_groups(model, target_modules=..., rank=...)", UserWarning, stacklevel=2)
+
+    def __repr__(self) -> str:
+        """One line per group: its tensors and the settings that differ from this optimizer's defaults."""
+        lines = [f"{type(self).__name__}(lr={self.defaults['lr']}, betas={self.defaults['betas']}, "
+                 f"eps={self.defaults['eps']}, weight_decay={self.defaults['weight_decay']})"]
+        for k, group in enumerate(self.param_groups):
+            own = {key: value for key, value in group.items() if key not in ("params", "param_names")
+                   and (key not in self.defaults or self.defaults[key] != value)}
+            numbers = sum(p.numel() for p in group["params"])
+            kind = "subspace" if is_projected(group) else "plain"
+            settings = ", ".join(f"{key}={value!r}" for key, value in own.items())
+            lines.append(f"  group {k}: {len(group['params'])} {kind} tensors ({numbers:,} numbers)"
+                         + (f": {settings}" if settings else ""))
+        return "\n".join(lines)
 
     # ----------------------------------------------------------------- groups
 
@@ -789,6 +821,8 @@ class SubspaceAdamW(Optimizer):
             return False
         side, _ = param_layout(tuple(p.shape), group)
         low = project(p.grad.to(compute_dtype(p.dtype)), state["basis"], side)
+        if group["maximize"]:
+            low.neg_()
         pending = state.get("low_rank_grad")
         state["low_rank_grad"] = low if pending is None else pending.add_(low)
         p.grad = None
@@ -824,7 +858,7 @@ class SubspaceAdamW(Optimizer):
                 f"{self._param_name(group, index)} has a sparse gradient, which {type(self).__name__} does not "
                 "support: build the module with sparse=False, or give it torch.optim.SparseAdam"
             )
-        return grad
+        return torch.neg(grad) if group["maximize"] else grad
 
     def _dense_param(self, group: dict, i: int, p: Tensor) -> None:
         grad, state = self._grad(group, i, p), self.state[p]
@@ -966,6 +1000,8 @@ class SubspaceAdamW(Optimizer):
         shape, method, view_side = tuple(p.shape), group["proj_method"], shards.view_side(side)
         if method == "svd":  # exact: on the whole gradient, as galore-torch computes it
             full = shards.full(p.grad).to(grad.dtype)
+            if group["maximize"]:
+                full = torch.neg(full)
             basis = shards.broadcast_(robust_svd_basis(full, rank, side, state.get("basis"),
                                                        self._param_name(group, index)))
         else:
@@ -1022,6 +1058,8 @@ class SubspaceAdamW(Optimizer):
             view_basis = randomized_basis(grad, rank, previous=view_previous, reduce_=shards.all_reduce_, **options)
             return view_basis.T.contiguous() if side == "left" else view_basis
         full = shards.full(p.grad).to(grad.dtype)  # parameter layout
+        if group["maximize"]:
+            full = torch.neg(full)
         if side == "right":
             return shards.broadcast_(randomized_basis(full, rank, previous=previous, **options))
         left_previous = None if previous is None else previous.T

@@ -204,3 +204,49 @@ def test_dcp_load_into_the_initialised_state_resumes():
     train_lm(twin, twin_opt, batches)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+def test_maximize_equals_minimising_the_negated_loss():
+    import copy
+
+    model = TinyLM()
+    twin = copy.deepcopy(model)
+    up, down = (FiraAdamW(param_groups(m, rank=4, update_proj_gap=2), lr=1e-2, maximize=flag)
+                for m, flag in ((model, True), (twin, False)))
+    for tokens in _batches(4):
+        for m, opt, sign in ((model, up, 1.0), (twin, down, -1.0)):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(m(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+            (sign * loss).backward()
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_torch_adamw_arguments_name_what_is_supported():
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    GaLoreAdamW([w], amsgrad=False, foreach=None, capturable=False, differentiable=False)  # their defaults
+    with pytest.raises(TypeError, match=r"does not implement torch.optim.AdamW's amsgrad=False alternative; it takes "
+                                        r"lr, betas, eps, weight_decay, correct_bias, maximize"):
+        GaLoreAdamW([w], amsgrad=True)
+
+
+def test_no_projected_group_warns_and_the_repr_is_short():
+    model = TinyLM()
+    with pytest.warns(UserWarning, match="no param group with 'rank' or 'density'.*plain AdamW"):
+        GaLoreAdamW(model.parameters())  # what HF Trainer's optimizer_cls_and_kwargs would build
+    opt = GaLoreAdamW(param_groups(model, rank=4, no_decay=("bias", "norm")), lr=1e-2, weight_decay=0.1)
+    text = repr(opt)
+    assert len(text.splitlines()) == 1 + len(opt.param_groups) <= 4, text
+    assert "rank=4" in text and "weight_decay=0.0" in text
+
+
+def test_param_groups_keeps_decay_off_biases_and_norms():
+    model = TinyLM()
+    groups = param_groups(model, rank=4, no_decay=("bias", "norm"))
+    undecayed = next(g for g in groups if g.get("weight_decay") == 0.0)
+    names = [name for name, _ in undecayed["params"]]
+    assert names and all("bias" in n or "norm" in n for n in names)
+    projected = next(g for g in groups if "rank" in g)
+    assert all("bias" not in name for name, _ in projected["params"])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
