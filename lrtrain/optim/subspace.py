@@ -732,9 +732,14 @@ class SubspaceAdamW(Optimizer):
 
     # ----------------------------------------------------------------- step
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+        ``torch.compile`` leaves it eager: a step is a per-matrix schedule (refreshes, SVDs, host-side
+        step counts) whose heavy work is matrix products and fused kernels already, and tracing it
+        specialises on every parameter (one recompile per tensor, then dynamo gives up)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -795,6 +800,7 @@ class SubspaceAdamW(Optimizer):
                 state.clear()
         self._placeholders = False
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step_param(self, p: Tensor) -> None:
         """Update ``p`` alone from its gradient, exactly as :meth:`step` updates it (for layer-wise
@@ -807,6 +813,7 @@ class SubspaceAdamW(Optimizer):
         if p.grad is not None:
             self._step_param(group, i, index, p)
 
+    @torch.compiler.disable
     @torch.no_grad()
     def accumulate_low_rank_(self, p: Tensor) -> bool:
         """Fold ``p``'s gradient into its projected accumulator (``state["low_rank_grad"]``, added to

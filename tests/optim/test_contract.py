@@ -250,3 +250,28 @@ def test_param_groups_keeps_decay_off_biases_and_norms():
     projected = next(g for g in groups if "rank" in g)
     assert all("bias" not in name for name, _ in projected["params"])
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_compiled_step_runs_eagerly_without_recompiling():
+    """torch.compile(optimizer.step) used to specialise on every parameter until dynamo's recompile
+    limit; the step now stays eager under compile: no recompiles, and the eager step's numbers."""
+    import copy
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = TinyLM()
+    twin = copy.deepcopy(model)
+    opt = GaLoreAdamW(param_groups(model, rank=4, update_proj_gap=2), lr=1e-2)
+    twin_opt = GaLoreAdamW(param_groups(twin, rank=4, update_proj_gap=2), lr=1e-2)
+    compiled = torch.compile(opt.step)
+    for tokens in _batches(5):
+        for m, step in ((model, compiled), (twin, twin_opt.step)):
+            m.zero_grad()
+            torch.nn.functional.cross_entropy(m(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+            step()
+    assert not counters["recompiles"] and counters["stats"]["unique_graphs"] <= 2
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
