@@ -491,11 +491,12 @@ def _validate_marker(group: dict) -> None:
 
 
 def is_near_certain_typo(key: str, known: str) -> bool:
-    """``key`` is one edit away from ``known``: a swapped pair or a wrong character (``rnak``,
-    ``scael``), or, for keys of 8 characters or more, one character added or dropped
-    (``update_proj_gaps``). Shorter plurals and prefixes (``ranks``, ``lr_scale``) are other
-    people's keys (schedulers, trainers, layer-wise decay), kept as torch keeps them."""
-    if key == known or min(len(key), len(known)) < 4:
+    """``key`` is one edit away from ``known``: a swapped pair, a wrong or a missing character
+    (``rnak``, ``scael``, ``rnk``), or, for keys of 8 characters or more, one character too many
+    (``update_proj_gaps``). A short key with one more character (``ranks``, ``scales``) and longer
+    variants (``lr_scale``, ``weight_decay_scale``) are other code's keys (schedulers, trainers,
+    layer-wise lr decay), kept as torch keeps them."""
+    if key == known or len(known) < 4:
         return False
     if len(key) == len(known):
         diff = [i for i, (a, b) in enumerate(zip(key, known)) if a != b]
@@ -503,7 +504,7 @@ def is_near_certain_typo(key: str, known: str) -> bool:
             and key[diff[1]] == known[diff[0]]
         return len(diff) == 1 or swapped
     shorter, longer = sorted((key, known), key=len)
-    if len(longer) - len(shorter) != 1 or len(known) < 8:
+    if len(longer) - len(shorter) != 1 or (len(key) > len(known) and len(known) < 8):
         return False
     return any(longer[:i] + longer[i + 1:] == shorter for i in range(len(longer)))
 
@@ -775,7 +776,8 @@ class SubspaceAdamW(Optimizer):
         """Create every state entry a first step creates (so that DCP can load a checkpoint into
         them) and leave the optimizer as if it had not stepped: weights, group keys (block cursors)
         untouched, and each entry marked by ``step = -1`` so that the next real step starts afresh
-        unless a checkpoint was loaded into it (:meth:`_forget_placeholder_state`)."""
+        unless a checkpoint was loaded into it (:meth:`_forget_placeholder_state`). Group keys a
+        first step adds (FRUGAL's ``block_cursor``) stay, set to None, as a fresh optimizer reads them."""
         saved = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
         for group in self.param_groups:
             group["weight_decay"] = 0.0  # lr is 0 and the gradients are zero: nothing else moves a weight
@@ -784,7 +786,7 @@ class SubspaceAdamW(Optimizer):
         finally:
             for group, keys in zip(self.param_groups, saved):
                 for key in set(group) - set(keys) - {"params"}:
-                    del group[key]
+                    group[key] = None  # kept for DCP to load into (block_cursor); None is its fresh value
                 group.update(keys)
         for state in self.state.values():
             state["step"] = torch.tensor(PLACEHOLDER_STEP)

@@ -79,14 +79,15 @@ def test_bad_hyperparameters(kwargs, match):
 
 @pytest.mark.parametrize("key,suggestion", [("rnak", "rank"), ("update_proj_gaps", "update_proj_gap"),
                                             ("scael", "scale"), ("proj_tpye", "proj_type"),
-                                            ("update_prj_gap", "update_proj_gap"), ("weight_decy", "weight_decay")])
+                                            ("update_prj_gap", "update_proj_gap"), ("weight_decy", "weight_decay"),
+                                            ("rnk", "rank"), ("beta", "betas")])
 def test_misspelled_group_key_names_the_known_one(key, suggestion):
     with pytest.raises(ValueError, match=f"unknown param-group key '{key}': did you mean '{suggestion}'"):
         GaLoreAdamW([{"params": [_w(4, 4)], "rank": 2, key: 1}])
 
 
 @pytest.mark.parametrize("key", ["lr_scale", "weight_decay_scale", "param_name", "ranks", "initial_lr", "layer_name",
-                                 "is_proj_params", "scales", "beta", "update_gap"])
+                                 "is_proj_params", "scales", "update_gap"])
 def test_other_extra_keys_are_kept(key):
     """Keys other code puts in groups (layer-wise lr decay, trainers' names, schedulers) are kept, as
     torch.optim keeps them; only near-certain typos of lrtrain's own keys are refused."""
