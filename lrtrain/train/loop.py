@@ -147,6 +147,7 @@ class Trainer:
         self.lock = lock
         self.step = 0
         self.skipped_steps = 0
+        self.throughput: list[float] = []  # tokens/s of every step (logged steps also measure memory: slower)
         self.checkpoint_dir = self.run_dir / "checkpoints"
 
     def close(self) -> None:
@@ -167,6 +168,7 @@ class Trainer:
             "fingerprint": self.fingerprint,
             "data_fingerprint": self.data.fingerprint,
             "skipped_steps": self.skipped_steps,
+            "throughput": list(self.throughput),
         }
 
     def resume_if_possible(self) -> int:
@@ -192,6 +194,7 @@ class Trainer:
             torch.set_rng_state(state["rng"])
             self.step = state["step"]
             self.skipped_steps = state.get("skipped_steps", 0)
+            self.throughput = list(state.get("throughput", []))
         self.logger.rewind(self.step)
         return self.step
 
@@ -318,7 +321,8 @@ class Trainer:
     def fit(self, until_step: int | None = None) -> dict[str, Any]:
         """Train to ``settings.steps`` (or stop after ``until_step``: an interruption, for tests
         and time-limited jobs); returns the run's summary (:meth:`RunLogger.summary`: every step it
-        logged, resumptions included; empty on ranks other than 0)."""
+        logged, resumptions included, with the median throughput over all steps; empty on ranks
+        other than 0)."""
         s = self.settings
         stop = min(s.steps, until_step or s.steps)
         self.model.train()
@@ -326,6 +330,8 @@ class Trainer:
         while self.step < stop:
             log_now = (self.step + 1) % s.log_every == 0 or self.step == 0 or self.step + 1 == s.steps
             metrics = self.train_step(measure_memory=s.track_memory and log_now)
+            if "perf/tokens_per_s" in metrics:
+                self.throughput.append(metrics["perf/tokens_per_s"])
             if s.eval_every and self.step % s.eval_every == 0 or self.step == s.steps:
                 metrics.update(self.evaluate())
             if log_now or "val/loss" in metrics or "perf/tokens_per_s" not in metrics:  # a skipped step is logged
@@ -342,7 +348,10 @@ class Trainer:
                 progress.set_postfix(**postfix)
         if progress is not None:
             progress.close()
-        return self.logger.summary()
+        summary = self.logger.summary()
+        if summary and self.throughput:  # the median over every step, not only the logged (memory-measured) ones
+            summary["perf/tokens_per_s"] = sorted(self.throughput)[len(self.throughput) // 2]
+        return summary
 
 
 def _progress_bar(start: int, total: int, enabled: bool):
