@@ -69,9 +69,7 @@ def test_cached_tokenizer_is_reused(shakespeare, cache_dir):
     def no_training():
         raise AssertionError("the cached tokenizer should have been loaded")
 
-    start = time.perf_counter()
-    tok = cached_bpe("shakespeare", no_training, 4096, cache_dir)
-    assert time.perf_counter() - start < 1.0
+    tok = cached_bpe("shakespeare", no_training, 4096, cache_dir)  # loaded, not trained (no_training raises)
     assert tok.to_str() == shakespeare.tokenizer.to_str() and path.stat().st_mtime_ns == mtime
     again = load_data("shakespeare", seq_len=64, cache_dir=cache_dir)
     assert torch.equal(again.train.tokens, shakespeare.train.tokens) and path.stat().st_mtime_ns == mtime

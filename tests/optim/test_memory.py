@@ -1,6 +1,5 @@
 """state_bytes() equals the analytic count on LLaMA-60M's linear shapes."""
 
-import time
 
 import torch
 from torch import nn
@@ -59,9 +58,7 @@ def test_galore_and_fira_state_bytes_on_llama_60m_shapes():
 def test_svd_refresh_on_llama_60m_shapes_counts_the_same():
     model = llama60m_linears()
     opt = GaLoreAdamW(param_groups(model, target_modules=["self_attn", "mlp"], rank=RANK))
-    start = time.perf_counter()
-    _step_once(model, opt)
-    assert time.perf_counter() - start < 60
+    _step_once(model, opt)  # how long this takes is bench_optim.py's business, not a test's: no timing here
     moments, basis = analytic_galore_bytes([tuple(p.shape) for p in model.parameters()], RANK)
     got = state_bytes(opt)
     assert (got["moments"], got["basis"], got["other"]) == (moments, basis, 4 * 56)
