@@ -78,7 +78,7 @@ class TrainSettings:
             if getattr(self, name) is not None and (not _is_int(getattr(self, name)) or getattr(self, name) < 1):
                 raise ValueError(f"train.{name} must be null or an integer >= 1; got {getattr(self, name)!r}")
         for name in ("grad_clip", "min_lr_ratio"):
-            if not _is_number(getattr(self, name)):
+            if not is_number(getattr(self, name)):
                 raise ValueError(f"train.{name} must be a number; got {getattr(self, name)!r}")
         for name in ("track_memory", "progress", "layerwise"):
             if not isinstance(getattr(self, name), bool):
@@ -107,7 +107,8 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A real number given as such: int or float, not bool (YAML's true) nor a string."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

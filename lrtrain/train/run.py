@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import numbers
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +31,7 @@ from ..optim import (
 from ..param import SSTController, conversion_summary, convert
 from .distributed import apply_fsdp2, init_distributed, local_projection_placements, wrap_ddp
 from .logger import METRICS_FILE, RUN_FILE, RunLogger
-from .loop import Trainer, TrainSettings
+from .loop import Trainer, TrainSettings, is_number
 from .schedule import build_scheduler
 from .sweep_names import register_resolvers
 
@@ -71,7 +70,7 @@ REPLACED_DIR = ".replaced"
 
 
 def _check_number(name: str, value: Any, *, low: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_number(value):
         raise ValueError(f"{name} must be a number; got {value!r}")
     if low is not None and value < low:
         raise ValueError(f"{name} must be >= {low}; got {value!r}")
