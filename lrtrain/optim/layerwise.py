@@ -85,9 +85,14 @@ class LayerwiseUpdates:
         return future.then(update)
 
     @contextmanager
-    def micro_batch(self, index: int):
-        """Run the backward pass of micro-batch ``index`` (0 .. grad_accum - 1) inside this."""
-        self._boundary = index == self.grad_accum - 1
+    def micro_batch(self, index: int | None = None, *, last: bool | None = None, step_optimizer: bool = True):
+        """Run the backward pass of micro-batch ``index`` (0 .. grad_accum - 1) inside this, or tell
+        whether it is the ``last`` of its step (a loop that knows, such as HF Trainer, whose last
+        accumulation of an epoch may be short). ``step_optimizer=False``: the loop calls
+        ``optimizer.step()`` itself after the last micro-batch (it updates nothing: see below)."""
+        if (index is None) == (last is None):
+            raise ValueError("micro_batch takes the micro-batch's index or last=True/False, not both")
+        self._boundary = index == self.grad_accum - 1 if last is None else bool(last)
         yield
         if self._boundary:  # the step is complete: its norm clips the next one
             self.last_grad_norm = math.sqrt(self._norm_sq)
@@ -98,7 +103,8 @@ class LayerwiseUpdates:
                 self.optimizer.zero_grad(set_to_none=True)
             # Every gradient was consumed (and freed) in the backward pass, so this updates nothing;
             # it is the step as schedulers and step hooks see it.
-            self.optimizer.step()
+            if step_optimizer:
+                self.optimizer.step()
 
     def discard(self) -> None:
         """Forget the micro-batches of an abandoned step (a non-finite loss before the last

@@ -162,6 +162,28 @@ def test_refusals():
     blocks = FrugalAdamW(param_groups(model, rank=None, density=0.5, proj_method="blocks"))
     with pytest.raises(ValueError, match="blocks"):
         LayerwiseUpdates(blocks)
+    layerwise = LayerwiseUpdates(GaLoreAdamW(param_groups(model, rank=4)), grad_accum=2)
+    with pytest.raises(ValueError, match="not both"):
+        with layerwise.micro_batch(1, last=True):
+            pass
+
+
+def test_a_loop_that_marks_the_last_micro_batch():
+    """micro_batch(last=...) — a loop that knows which micro-batch ends a step, and steps the optimizer
+    itself (HF Trainer) — trains as micro_batch(index) does, also with a short last accumulation."""
+    a, opt_a, b, opt_b = _pair(GaLoreAdamW)
+    batches = [[torch.randint(0, 32, (2, 9)) for _ in range(n)] for n in (3, 3, 2)]
+    by_index = LayerwiseUpdates(opt_a, grad_accum=3)
+    by_flag = LayerwiseUpdates(opt_b, grad_accum=3)
+    for step_batches in batches:
+        for i, tokens in enumerate(step_batches):
+            with by_index.micro_batch(i if len(step_batches) == 3 else i + 1):
+                (_loss(a, tokens) / len(step_batches)).backward()
+            with by_flag.micro_batch(last=i == len(step_batches) - 1, step_optimizer=False):
+                (_loss(b, tokens) / len(step_batches)).backward()
+        opt_b.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_gradient_norm_needs_no_float32_copy(tolerance):
