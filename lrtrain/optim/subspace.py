@@ -594,7 +594,9 @@ class SubspaceAdamW(Optimizer):
             warnings.warn(
                 f"{type(self).__name__} has no param group with 'rank' or 'density', so every parameter trains "
                 "with plain AdamW (e.g. the groups HF Trainer's optimizer_cls_and_kwargs builds): give it "
-                "lrtrain.optim.param_groups(model, target_modules=..., rank=...)", UserWarning, stacklevel=2)
+                "lrtrain.optim.param_groups(model, target_modules=..., rank=...); in HF Trainer pass "
+                "optimizers=(lrtrain.integrations.hf.create_optimizer(model, args, ...), None)",
+                UserWarning, stacklevel=2)
 
     def __repr__(self) -> str:
         """One line per group: its tensors and the settings that differ from this optimizer's defaults."""
@@ -699,7 +701,12 @@ class SubspaceAdamW(Optimizer):
         return f"parameter {index} of param group {group_index}"
 
     def __setstate__(self, state: dict) -> None:
+        """Unpickling (and ``copy.deepcopy``) restores only what torch.optim pickles: defaults, state
+        and groups; the caches and the placeholder flag are rebuilt from them."""
         super().__setstate__(state)
+        self._positions = {}
+        self._placeholders = any(torch.is_tensor(entry.get("step")) and float(entry["step"]) == PLACEHOLDER_STEP
+                                 for entry in self.state.values())
         for group in self.param_groups:
             for key, value in ENGINE_OPTIONS.items():
                 group.setdefault(key, self.defaults.get(key, value))

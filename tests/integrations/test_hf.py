@@ -107,6 +107,14 @@ def test_layerwise_trainer_clips_with_the_previous_norm(tmp_path, tolerance):
     assert _logged(clipped, "grad_norm")[0] == _logged(free, "grad_norm")[0] > 1e-3
 
 
+def test_optimizer_cls_and_kwargs_warns_that_it_trains_plain_adamw(tmp_path):
+    """Trainer's own groups carry no module names: the optimizer says so and names the fix."""
+    trainer = transformers.Trainer(model=_model(), args=_args(tmp_path), train_dataset=_dataset(),
+                                   optimizer_cls_and_kwargs=(GaLoreAdamW, {"lr": 1e-2}))
+    with pytest.warns(UserWarning, match="create_optimizer"):
+        trainer.create_optimizer()
+
+
 def test_layerwise_trainer_refuses_what_it_cannot_do(tmp_path):
     model = _model()
     args = _args(tmp_path)
