@@ -11,7 +11,6 @@ collective an optimizer step issues: a steady step, and a refresh step.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -21,10 +20,9 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 from lrtrain.distributed import COMM
 from lrtrain.memory import format_bytes
+from lrtrain.models import LLAMA_SIZES, linear_shapes
 from lrtrain.optim import FiraAdamW, FrugalAdamW, GaLoreAdamW
 from lrtrain.optim.projector import projection_side
-
-SIZES = {"llama_60m": (512, 1376, 8), "llama_130m": (768, 2048, 12), "llama_350m": (1024, 2736, 24)}
 
 CASES = {  # label: (class, group keys, split left-projected matrices on dim 1)
     "GaLore, svd refresh": (GaLoreAdamW, {}, True),
@@ -35,16 +33,11 @@ CASES = {  # label: (class, group keys, split left-projected matrices on dim 1)
 }
 
 
-def shapes(model: str) -> list[tuple[int, int]]:
-    hidden, ffn, layers = SIZES[model]
-    return ([(hidden, hidden)] * 4 + [(ffn, hidden)] * 2 + [(hidden, ffn)]) * layers
-
-
 def measure(cls, keys, dim1: bool, args, mesh) -> dict:
     torch.manual_seed(0)
     world = mesh.size()
     params = []
-    for shape in shapes(args.model):
+    for shape in linear_shapes(args.model):
         left = projection_side(shape, "std") == "left"
         dim = 1 if dim1 and left and shape[1] % world == 0 else 0
         params.append(torch.nn.Parameter(distribute_tensor(torch.randn(shape) * 0.02, mesh, [Shard(dim)])))
@@ -65,14 +58,14 @@ def measure(cls, keys, dim1: bool, args, mesh) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(SIZES), default="llama_60m")
+    parser.add_argument("--model", choices=list(LLAMA_SIZES), default="llama_60m")
     parser.add_argument("--rank", type=int, default=128)
     args = parser.parse_args()
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     rows = [(label, measure(cls, keys, dim1, args, mesh)) for label, (cls, keys, dim1) in CASES.items()]
     if dist.get_rank() == 0:
-        n = len(shapes(args.model))
+        n = len(linear_shapes(args.model))
         print(f"{args.model}: {n} attention/MLP matrices, rank {args.rank}, FSDP2-style split over "
               f"{dist.get_world_size()} processes (gloo, CPU); payload of the optimizer's collectives per rank\n")
         print("| optimizer | steady step | refresh step | refresh collectives |")

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from lrtrain.models.llama import LLAMA_SIZES
+from lrtrain.models.llama import LLAMA_SIZES, linear_shapes
 from lrtrain.optim import FiraAdamW, FrugalAdamW, GaLoreAdamW
 from lrtrain.optim.projector import projection_side
 
@@ -27,9 +27,7 @@ RULES = {"galore": GaLoreAdamW, "fira": FiraAdamW, "frugal": FrugalAdamW}
 
 def shapes(model: str) -> list[tuple[int, int]]:
     """The distinct (out, in) weight shapes of a decoder layer: attention, gate/up, down."""
-    size = LLAMA_SIZES[model]
-    h, f = size["hidden_size"], size["intermediate_size"]
-    return [(h, h), (f, h), (h, f)]
+    return list(dict.fromkeys(linear_shapes(model, layers=1)))
 
 
 def timer(device: torch.device):

@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     args = parser.parse_args()
-    for model, args.seq in itertools.product(args.model, list(args.seq)):
+    for model, args.seq in itertools.product(args.model, list(args.seq)):  # noqa: B020 (the list is copied first)
         print(f"\n{model}, vocab {args.vocab}, {args.batch} x {args.seq} tokens, {args.precision} weights, "
               f"CPU, torch {torch.__version__}: peak tensor bytes over two steps\n")
         print("| method | measured peak | estimate | estimate error | peak / AdamW's |")
@@ -91,8 +91,8 @@ def main() -> None:
             guess = estimated(model, method, args)
             adamw = adamw or (measured if method == "adamw" else None)
             ratio = f"{measured / adamw:.2f}" if adamw else "-"
-            print(f"| {method} | {measured / 2**20:.1f} MiB | {guess / 2**20:.1f} MiB | {100 * (guess / measured - 1):+.1f} % "
-                  f"| {ratio} |", flush=True)
+            print(f"| {method} | {measured / 2**20:.1f} MiB | {guess / 2**20:.1f} MiB | "
+                  f"{100 * (guess / measured - 1):+.1f} % | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

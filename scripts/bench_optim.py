@@ -22,18 +22,8 @@ import torch
 from torch import nn
 
 from lrtrain.memory import format_bytes, state_bytes
+from lrtrain.models import LLAMA_SIZES, linear_shapes
 from lrtrain.optim import ApolloAdamW, FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW
-
-# hidden, intermediate, layers (ALGORITHMS.md §0.1)
-SIZES = {"llama_60m": (512, 1376, 8), "llama_130m": (768, 2048, 12), "llama_350m": (1024, 2736, 24)}
-
-
-def linear_shapes(model: str, layers: int | None = None) -> list[tuple[int, int]]:
-    """(out, in) of every attention and MLP weight: q, k, v, o, gate, up, down per layer (of the
-    first ``layers`` layers: every layer has the same shapes, so times scale with their number)."""
-    hidden, ffn, count = SIZES[model]
-    count = min(count, layers or count)
-    return [(hidden, hidden)] * 4 * count + [(ffn, hidden)] * 2 * count + [(hidden, ffn)] * count
 
 
 def _reference_classes():
@@ -226,7 +216,7 @@ def plot(results: dict[str, list[dict]], path: str, gap: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", nargs="+", choices=sorted(SIZES), default=["llama_60m"])
+    parser.add_argument("--model", nargs="+", choices=list(LLAMA_SIZES), default=["llama_60m"])
     parser.add_argument("--layers", type=int, default=None, help="time the first N layers' shapes only")
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--gap", type=int, default=200, help="update_proj_gap used for the amortised step")

@@ -81,17 +81,20 @@ def main() -> None:
     args = parser.parse_args()
     rows = [measure(kind, args) for kind in ("dense", "sltrain", "sst")]
     dense = rows[0]
-    print(f"{args.model}, vocab {args.vocab}, rank {args.rank} (SLTrain alpha {args.alpha:g}, sparsity {args.sparsity}), "
+    print(f"{args.model}, vocab {args.vocab}, rank {args.rank} "
+          f"(SLTrain alpha {args.alpha:g}, sparsity {args.sparsity}), "
           f"attention and MLP layers converted; one AdamW step on {args.batch} x {args.seq} tokens, fp32, CPU, "
           f"torch {torch.__version__}\n")
-    print("| layers | parameters | stored numbers | weights | held for backward | optimizer state | step peak | step time |")
+    print("| layers | parameters | stored numbers | weights | held for backward | optimizer state | step peak "
+          "| step time |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        def cell(key, fmt=format_bytes):
+        def cell(key, fmt=format_bytes, r=r):
             ratio = f" ({r[key] / dense[key]:.2f}×)" if r is not dense else ""
             return f"{fmt(r[key])}{ratio}"
 
-        print(f"| {r['kind']} | {cell('params', lambda n: f'{n / 1e6:.1f}M')} | {cell('stored', lambda n: f'{n / 1e6:.1f}M')} | "
+        millions = lambda n: f"{n / 1e6:.1f}M"  # noqa: E731
+        print(f"| {r['kind']} | {cell('params', millions)} | {cell('stored', millions)} | "
               f"{cell('weights')} | {cell('held')} | {cell('state')} | {cell('peak')} | {r['seconds']:.1f} s |")
 
 

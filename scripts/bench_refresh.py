@@ -67,12 +67,12 @@ def main() -> None:
         view = right_view(grad)
         for rank in args.ranks:
             previous = svd_basis(right_view(first[shape]), rank, "right")
-            runs = {"svd": lambda: svd_basis(view, rank, "right")}
+            runs = {"svd": lambda view=view, rank=rank: svd_basis(view, rank, "right")}
             for iters in args.power_iters:
                 for start, prev in (("cold", None), ("warm", previous)):
                     runs[f"randomized, {start}, {iters} power iter."] = (
-                        lambda prev=prev, iters=iters: randomized_basis(view, rank, previous=prev, seed=0,
-                                                                        oversample=args.oversample, power_iters=iters))
+                        lambda prev=prev, iters=iters, view=view, rank=rank: randomized_basis(
+                            view, rank, previous=prev, seed=0, oversample=args.oversample, power_iters=iters))
             times = {name: [] for name in runs}
             for _ in range(args.rounds):
                 for name, fn in runs.items():

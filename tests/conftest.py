@@ -12,7 +12,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-
 from tests.tolerance import SEED, Tolerance  # noqa: E402
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from tokenizers import Tokenizer
 
+from ..checks import check_positive_int
 from ..files import atomic_write
 from .tokenizer import tokenizer_hash
 
@@ -60,18 +61,13 @@ def cached_tokens(
     return tokens
 
 
-def _check_positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{name}={value} must be >= 1")
-
-
 class PackedBlocks:
     """Blocks of `seq_len + 1` tokens from a 1-D token tensor; a seeded shuffle per epoch, exactly resumable."""
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, seed: int = 0):
         if tokens.dim() != 1:
             raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
-        _check_positive("seq_len", seq_len)
+        check_positive_int("seq_len", seq_len)
         if tokens.numel() < seq_len + 1:
             raise ValueError(f"seq_len={seq_len}: the corpus has {tokens.numel()} tokens, fewer than seq_len + 1; "
                              "use a shorter seq_len or more text")
@@ -102,7 +98,7 @@ class PackedBlocks:
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
         """The next (batch_size, seq_len + 1) training blocks; a batch may run on into the next epoch."""
-        _check_positive("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
         parts = []
         while batch_size > 0:
             take = min(batch_size, self.num_blocks - self._position)
@@ -129,9 +125,9 @@ class PackedBlocks:
         With max_batches=None every block is used (the last batch may be smaller); otherwise at
         most `max_batches` full batches.
         """
-        _check_positive("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
         if max_batches is not None:
-            _check_positive("max_batches", max_batches)
+            check_positive_int("max_batches", max_batches)
         stop = self.num_blocks if max_batches is None else min(self.num_blocks // batch_size, max_batches) * batch_size
         for start in range(0, stop, batch_size):
             yield self.blocks(torch.arange(start, min(start + batch_size, stop)))
@@ -146,8 +142,8 @@ class PackedStream:
 
     def __init__(self, documents_fn: Callable[[], Iterable[str]], tokenizer: Tokenizer, eot_id: int, seq_len: int,
                  read_size: int = 16):
-        _check_positive("seq_len", seq_len)
-        _check_positive("read_size", read_size)
+        check_positive_int("seq_len", seq_len)
+        check_positive_int("read_size", read_size)
         self.documents_fn = documents_fn
         self.tokenizer = tokenizer
         self.eot_id = eot_id
@@ -185,7 +181,7 @@ class PackedStream:
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
         """The next (batch_size, seq_len + 1) training blocks."""
-        _check_positive("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
         while len(self._buffer) < batch_size * self.seq_len + 1:
             self._buffer.extend(_encode(self.tokenizer, self._next_docs(self.read_size), self.eot_id))
         batch = self._cut(self._buffer, batch_size)
@@ -211,9 +207,9 @@ class PackedStream:
         With max_batches=None the pass is used to the end (the last batch may be smaller);
         otherwise at most `max_batches` full batches.
         """
-        _check_positive("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
         if max_batches is not None:
-            _check_positive("max_batches", max_batches)
+            check_positive_int("max_batches", max_batches)
         docs, buffer, produced = iter(self.documents_fn()), [], 0
         while max_batches is None or produced < max_batches:
             while len(buffer) < batch_size * self.seq_len + 1:

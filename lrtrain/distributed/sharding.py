@@ -117,12 +117,14 @@ def matrix_shards(param: Tensor) -> MatrixShards:
     if isinstance(placement, Replicate):
         return MatrixShards(False, slice(0, m), (m, n))
     if not isinstance(placement, Shard) or placement.dim not in (0, 1):
-        raise ValueError(f"unsupported placement {placement} for a 2-D parameter; use Shard(0), Shard(1) or Replicate()")
+        raise ValueError(f"unsupported placement {placement} for a 2-D parameter; "
+                         "use Shard(0), Shard(1) or Replicate()")
     transposed = placement.dim == 1
     shape = (n, m) if transposed else (m, n)
     sizes = _chunk_sizes(shape[0], mesh.size())
     start = sum(sizes[: mesh.get_local_rank()])
-    shards = MatrixShards(transposed, slice(start, start + sizes[mesh.get_local_rank()]), shape, mesh.get_group(), param)
+    rows = slice(start, start + sizes[mesh.get_local_rank()])
+    shards = MatrixShards(transposed, rows, shape, mesh.get_group(), param)
     if shards.view(param).shape != (shards.rows.stop - shards.rows.start, shape[1]):
         raise AssertionError(f"unexpected local shard {tuple(local(param).shape)} of {tuple(param.shape)} {placement}")
     return shards

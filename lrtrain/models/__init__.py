@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from .llama import LLAMA_SIZES, LlamaConfig, LlamaForCausalLM, count_parameters, llama_config
+from .llama import LLAMA_SIZES, LlamaConfig, LlamaForCausalLM, count_parameters, linear_shapes, llama_config
 
-__all__ = ["LLAMA_SIZES", "LlamaConfig", "LlamaForCausalLM", "build_model", "count_parameters", "llama_config"]
+__all__ = ["LLAMA_SIZES", "LlamaConfig", "LlamaForCausalLM", "build_model", "count_parameters", "linear_shapes",
+           "llama_config"]
 
 
 def build_model(

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..checks import check_positive_int
+
 
 @dataclass
 class LlamaConfig:
@@ -32,9 +34,7 @@ class LlamaConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
                      "num_hidden_layers", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
+            check_positive_int(f"LlamaConfig.{name}", getattr(self, name))
         for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"LlamaConfig.{name} must be > 0, got {getattr(self, name)!r}")
@@ -67,6 +67,17 @@ LLAMA_SIZES: dict[str, dict] = {
         "llama_7b": (4096, 11008, 32, 32),
     }.items()
 }
+
+
+def linear_shapes(size: str, layers: int | None = None) -> list[tuple[int, int]]:
+    """(out, in) of the linear weights of the decoder layers of a named size — q, k, v, o, gate, up,
+    down per layer — for the first ``layers`` layers (default all; every layer has the same shapes).
+    The embeddings and the head are not included."""
+    if size not in LLAMA_SIZES:
+        raise ValueError(f"unknown LLaMA size {size!r}; known sizes: {', '.join(LLAMA_SIZES)}")
+    fields = LLAMA_SIZES[size]
+    h, f, count = fields["hidden_size"], fields["intermediate_size"], fields["num_hidden_layers"]
+    return ([(h, h)] * 4 + [(f, h)] * 2 + [(h, f)]) * (count if layers is None else min(layers, count))
 
 
 def llama_config(size: str, vocab_size: int, max_position_embeddings: int = 2048, **overrides) -> LlamaConfig:

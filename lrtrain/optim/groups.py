@@ -13,6 +13,7 @@ from ..targets import select_linear_modules
 from ..text import format_table
 from .subspace import is_projected, param_layout
 
+
 def param_groups(
     model: nn.Module,
     target_modules: str | Iterable[str] = ("attn", "mlp"),

@@ -52,7 +52,7 @@ def init_8bit_moments(state: dict, shape: tuple[int, ...], dtype: torch.dtype, d
         state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=device)
         return
-    for key, signed in MOMENTS:
+    for key, _ in MOMENTS:
         state[key] = torch.empty(shape, dtype=torch.uint8, device=device)
         state[f"{key}_absmax"] = torch.empty(-(-numel // BLOCK), dtype=torch.float32, device=device)
     zero_moments_(state)

@@ -61,7 +61,6 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from ..distributed import MatrixShards, local, matrix_shards
-from .quantized import float_moments, init_8bit_moments, moment_chunks, zero_moments_
 from .projector import (
     PROJ_METHODS,
     PROJ_TYPES,
@@ -81,6 +80,7 @@ from .projector import (
     robust_svd_basis,
     subspace_rank,
 )
+from .quantized import float_moments, init_8bit_moments, moment_chunks, zero_moments_
 
 ADAM_STYLES = ("hf", "torch")
 RESIDUALS = ("none", "fira", "apollo", "sign_sgd", "sgd")
@@ -630,7 +630,8 @@ class SubspaceAdamW(Optimizer):
             for i, p in enumerate(group["params"]):
                 if p.is_complex():
                     raise TypeError(f"{self._param_name(group, i)} is {p.dtype}: lrtrain's optimizers take real "
-                                    "floating-point tensors only; optimize it with torch.optim.AdamW, or train torch.view_as_real(p)")
+                                    "floating-point tensors only; optimize it with torch.optim.AdamW, or train "
+                                    "torch.view_as_real(p)")
             if is_projected(group):
                 _validate_marker(group)
                 self._validate_projected_params(group)

@@ -42,7 +42,8 @@ def convert(
     if kind not in LAYERS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, LAYERS))}; got {kind!r}")
     for name, linear in select_linear_modules(model, target_modules, non_linear="error").items():
-        _replace(model, name, LAYERS[kind].from_linear(linear, rank=rank, seed=_layer_seed(seed, name), **layer_options))
+        layer = LAYERS[kind].from_linear(linear, rank=rank, seed=_layer_seed(seed, name), **layer_options)
+        _replace(model, name, layer)
     return model
 
 
@@ -52,7 +53,8 @@ def to_dense(model: nn.Module) -> nn.Module:
     converted = [(name, m) for name, m in model.named_modules() if isinstance(m, tuple(LAYERS.values()))]
     for name, module in converted:
         if not name:
-            raise ValueError("to_dense needs a model that contains the layers, not a layer itself: call layer.to_linear()")
+            raise ValueError("to_dense needs a model that contains the layers, not a layer itself: "
+                             "call layer.to_linear()")
         _replace(model, name, module.to_linear())
     return model
 

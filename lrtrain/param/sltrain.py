@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_positive_int
 from .dense import dense_linear
 
 __all__ = ["SLTrainLinear", "sltrain_linear"]
@@ -77,11 +78,6 @@ def sltrain_linear(x: Tensor, A: Tensor, B: Tensor, values: Tensor, index: Tenso
     return _SLTrainFunction.apply(x, A, B, values, index, bias, scale)
 
 
-def _check_positive_int(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-
-
 class SLTrainLinear(nn.Module):
     """Sparse plus low-rank linear layer: W = B A (alpha / rank) + S, y = x Wᵀ + b.
 
@@ -99,8 +95,8 @@ class SLTrainLinear(nn.Module):
                  bias: bool = False, seed: int = 0, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("out_features", out_features)
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
         if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank < min(in_features, out_features):
             raise ValueError(
                 f"rank must be an int with 1 <= rank < min(in_features, out_features) = "

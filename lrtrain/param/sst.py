@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_positive_int
 from .dense import dense_linear
 
 __all__ = ["SSTController", "SSTLinear", "sst_linear"]
@@ -102,11 +103,6 @@ def _generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
-def _check_positive_int(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-
-
 class SSTLinear(nn.Module):
     """Linear layer in its SVD basis: W = U diag(s) Vᵀ (k = min(in, out) triplets), y = x Wᵀ + b.
 
@@ -123,8 +119,8 @@ class SSTLinear(nn.Module):
                  weight: Tensor | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("out_features", out_features)
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
         k = min(in_features, out_features)
         if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= k:
             raise ValueError(f"rank must be an int with 1 <= rank <= min(in_features, out_features) = {k}; "
@@ -236,9 +232,9 @@ class SSTController:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, sample_every: int = 200,
                  iterations_per_round: int | None = None, seed: int = 0) -> None:
-        _check_positive_int("sample_every", sample_every)
+        check_positive_int("sample_every", sample_every)
         if iterations_per_round is not None:
-            _check_positive_int("iterations_per_round", iterations_per_round)
+            check_positive_int("iterations_per_round", iterations_per_round)
         named = [(name, m) for name, m in model.named_modules() if isinstance(m, SSTLinear)]
         if not named:
             raise ValueError("model has no SSTLinear modules: convert it first (lrtrain.param.convert(model, 'sst'))")

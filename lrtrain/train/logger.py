@@ -67,8 +67,9 @@ class RunLogger:
     ``wandb``: ``None`` for JSONL only, or ``{"project", "mode", "entity", "group", "tags"}``; the
     ``WANDB_MODE`` environment variable, when set, overrides ``mode`` (tests set it to disabled).
     Files and the wandb run are opened at the first ``log``; ``run.json`` is written by ``start``
-    and completed by ``finish``, so only finished runs have a summary. Every rewrite is atomic (:func:`lrtrain.files.atomic_write`);
-    appends are flushed line by line, and a line torn by a kill is repaired by :meth:`rewind`.
+    and completed by ``finish``, so only finished runs have a summary. Every rewrite is atomic
+    (:func:`lrtrain.files.atomic_write`); appends are flushed line by line, and a line torn by a kill
+    is repaired by :meth:`rewind`.
     """
 
     def __init__(self, run_dir: str | os.PathLike, name: str, config: dict[str, Any], *, enabled: bool = True,

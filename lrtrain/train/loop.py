@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from ..checks import is_int, is_number
 from ..memory import PeakMemory, module_bytes, state_bytes
 from .checkpoint import latest_complete_checkpoint, load_checkpoint, load_trainer_state, save_checkpoint
 from .distributed import mean_across_ranks
@@ -69,13 +70,13 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be an integer >= 1; got {getattr(self, name)!r}")
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "keep_checkpoints"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be an integer >= 0 (0 turns it off); got {getattr(self, name)!r}")
         for name in ("eval_batch_size", "cycle_length"):
-            if getattr(self, name) is not None and (not _is_int(getattr(self, name)) or getattr(self, name) < 1):
+            if getattr(self, name) is not None and (not is_int(getattr(self, name)) or getattr(self, name) < 1):
                 raise ValueError(f"train.{name} must be null or an integer >= 1; got {getattr(self, name)!r}")
         for name in ("grad_clip", "min_lr_ratio"):
             if not is_number(getattr(self, name)):
@@ -101,15 +102,6 @@ class TrainSettings:
         if unknown:
             raise ValueError(f"unknown train settings {unknown}; known: {sorted(known)}")
         return cls(**values)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    """A real number given as such: int or float, not bool (YAML's true) nor a string."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def causal_lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import check_number
 from ..data import load_data
 from ..files import FolderInUse, FolderLock, write_errors_named
 from ..models import build_model
@@ -31,7 +32,7 @@ from ..optim import (
 from ..param import SSTController, conversion_summary, convert
 from .distributed import apply_fsdp2, init_distributed, local_projection_placements, wrap_ddp
 from .logger import METRICS_FILE, RUN_FILE, RunLogger
-from .loop import Trainer, TrainSettings, is_number
+from .loop import Trainer, TrainSettings
 from .schedule import build_scheduler
 from .sweep_names import register_resolvers
 
@@ -69,27 +70,20 @@ RUN_ARTIFACTS = ("checkpoints", METRICS_FILE, RUN_FILE, "wandb")
 REPLACED_DIR = ".replaced"
 
 
-def _check_number(name: str, value: Any, *, low: float | None = None) -> None:
-    if not is_number(value):
-        raise ValueError(f"{name} must be a number; got {value!r}")
-    if low is not None and value < low:
-        raise ValueError(f"{name} must be >= {low}; got {value!r}")
-
-
 def _check_constructor_values(kwargs: Mapping[str, Any]) -> None:
     """The constructor arguments a config gives, checked before any optimizer sees them."""
     for key in ("lr", "weight_decay"):
         if key in kwargs and not (key == "lr" and kwargs[key] is None):  # lr null: Adafactor's relative step
-            _check_number(f"optimizer.{key}", kwargs[key], low=0)
+            check_number(f"optimizer.{key}", kwargs[key], low=0)
     eps = kwargs.get("eps", 0.0)  # one number, or Adafactor's pair
     for value in eps if isinstance(eps, Sequence) and not isinstance(eps, str) else [eps]:
-        _check_number("optimizer.eps", value, low=0)
+        check_number("optimizer.eps", value, low=0)
     if "betas" in kwargs:
         betas = kwargs["betas"]
         if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
             raise ValueError(f"optimizer.betas must be a pair [beta1, beta2]; got {betas!r}")
         for beta in betas:
-            _check_number("optimizer.betas", beta, low=0)
+            check_number("optimizer.betas", beta, low=0)
 
 
 def build_optimizer(spec: Mapping[str, Any], model: nn.Module) -> torch.optim.Optimizer:
@@ -165,7 +159,9 @@ def build_components(config: Mapping[str, Any], vocab_size: int, settings: Train
         placements = local_projection_placements(model, config["optimizer"], world_size) if left_on_dim1 else {}
         apply_fsdp2(model, world_size, device, placements=placements, **strategy)
     optimizer = build_optimizer(config["optimizer"], model)
-    after_step = [SSTController(model, optimizer, seed=config["seed"], **controller_options).step] if kind == "sst" else []
+    after_step = []
+    if kind == "sst":
+        after_step.append(SSTController(model, optimizer, seed=config["seed"], **controller_options).step)
     layerwise = None
     if settings.layerwise:
         if fsdp:

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from lrtrain.kernels.subspace_adam import project_adam, project_back_update_
-from lrtrain.optim import FiraAdamW, FrugalAdamW, GaLoreAdamW, LayerwiseUpdates, param_groups
-from lrtrain.optim import subspace
+from lrtrain.optim import FiraAdamW, FrugalAdamW, GaLoreAdamW, LayerwiseUpdates, param_groups, subspace
 from lrtrain.optim.subspace import roundoff_floor
 from tests.conftest import TinyLM
 from tests.tolerance import SEED

@@ -4,7 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lrtrain.models import LLAMA_SIZES, LlamaConfig, LlamaForCausalLM, build_model, count_parameters, llama_config
+from lrtrain.models import (
+    LLAMA_SIZES,
+    LlamaConfig,
+    LlamaForCausalLM,
+    build_model,
+    count_parameters,
+    linear_shapes,
+    llama_config,
+)
 from lrtrain.optim import param_groups
 
 transformers = pytest.importorskip("transformers", reason="transformers is needed to compare against its LLaMA")
@@ -168,3 +176,15 @@ def test_named_sizes_and_overrides():
     assert (config.hidden_size, config.head_dim, config.vocab_size) == (256, 64, 500)
     assert config.max_position_embeddings == 256
     assert config.rope_theta == 1e4 + 1 and config.gradient_checkpointing
+
+
+@pytest.mark.parametrize("size", ["llama_tiny", "llama_20m"])
+def test_linear_shapes_are_the_models_own(size):
+    """The shapes the estimator and the benchmarks use are those of the decoder layers' Linear weights."""
+    model = build_model(size, vocab_size=64, max_position_embeddings=16)
+    weights = [tuple(m.weight.shape) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")]
+    assert linear_shapes(size) == weights
+    assert linear_shapes(size, layers=1) == weights[:7]
+    with pytest.raises(ValueError, match="unknown LLaMA size"):
+        linear_shapes("llama_3b")

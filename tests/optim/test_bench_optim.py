@@ -11,7 +11,8 @@ _spec.loader.exec_module(bench)
 
 
 def test_every_optimizer_runs_and_reports(monkeypatch, tmp_path):
-    monkeypatch.setitem(bench.SIZES, "tiny", (24, 40, 3))
+    monkeypatch.setitem(bench.LLAMA_SIZES, "tiny", dict(hidden_size=24, intermediate_size=40, num_attention_heads=2,
+                                                     num_hidden_layers=3))
     rows = bench.run("tiny", rank=4, gap=10, rounds=1, steady_steps=1, names=bench.DEFAULT_OPTIMIZERS, layers=2)
     assert [row["optimizer"] for row in rows] == bench.DEFAULT_OPTIMIZERS
     assert all(row["steady_ms"] > 0 and row["refresh_ms"] > 0 for row in rows)

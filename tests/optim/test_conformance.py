@@ -20,8 +20,15 @@ from torch.testing._internal.common_device_type import instantiate_device_type_t
 from torch.testing._internal.common_optimizers import OptimizerInfo, OptimizerInput, optims
 from torch.testing._internal.common_utils import TestCase
 
-from lrtrain.optim import (ApolloAdamW, ApolloMiniAdamW, FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW,
-                           SubspaceAdamW)
+from lrtrain.optim import (
+    ApolloAdamW,
+    ApolloMiniAdamW,
+    FiraAdamW,
+    FrugalAdamW,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    SubspaceAdamW,
+)
 from tests.tolerance import SEED
 
 STEPS = 5  # with update_proj_gap=2 the subspace refreshes at steps 0, 2 and 4

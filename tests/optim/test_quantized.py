@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from lrtrain.memory import PeakMemory, state_bytes, tensor_bytes
-from lrtrain.optim import FiraAdamW, FrugalAdamW, GaLoreAdamW, param_groups
-from lrtrain.optim import quantized
+from lrtrain.optim import FiraAdamW, FrugalAdamW, GaLoreAdamW, param_groups, quantized
 from tests.conftest import TinyLM, assert_resume_is_exact
 from tests.tolerance import SEED
 

@@ -45,10 +45,10 @@ def reference_run(w0, grads, bases, *, rule, style, refresh, rank, gap, scale, l
                 m, v, t = torch.zeros(shape, dtype=F64), torch.zeros(shape, dtype=F64), 0
             refreshes += 1
 
-        def down(x):
+        def down(x, q=q):
             return x @ q.T if side == "right" else q.T @ x
 
-        def back(x):
+        def back(x, q=q):
             return x @ q if side == "right" else q @ x
 
         r = down(g)

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from lrtrain.memory import PeakMemory, TensorMemoryTracker, module_bytes
-from lrtrain.train import RunLogger, build_scheduler, latest_complete_checkpoint, load_checkpoint, save_checkpoint, warmup_cosine
+from lrtrain.train import (
+    RunLogger,
+    build_scheduler,
+    latest_complete_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    warmup_cosine,
+)
 from lrtrain.train.checkpoint import checkpoints, load_trainer_state
 
 

@@ -1,147 +1,11 @@
-"""Memory accounting: exact bytes of parameters, gradients and optimizer state (by category),
-and measured peaks.
-
-Categories follow the state keys lrtrain's optimizers (and torch.optim's Adam family) use:
-``exp_avg``/``exp_avg_sq`` (with their 8-bit block scales) and bitsandbytes' ``state1``/``state2``
-are moments, ``basis`` is the projection basis (a float matrix, or the int64 indices of a
-coordinate subspace), everything else (step counters, seeds, limiter norms, flags, quantization
-maps) is "other". Sharded (DTensor) state counts the local shard: the bytes this rank holds.
-"""
+"""The bytes of one training step of an lrtrain LLaMA, by part, for every method (``estimate``), and
+its command line (``python -m lrtrain.memory``)."""
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Iterable
-
-import torch
-from torch import Tensor
-from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-
-STATE_CATEGORIES = {"exp_avg": "moments", "exp_avg_sq": "moments", "basis": "basis",
-                    "exp_avg_absmax": "moments", "exp_avg_sq_absmax": "moments",  # 8-bit block scales
-                    "exp_avg_sq_row": "moments", "exp_avg_sq_col": "moments",  # Adafactor's factored V
-                    "state1": "moments", "state2": "moments", "absmax1": "moments", "absmax2": "moments"}  # bitsandbytes
-
-
-def tensor_bytes(tensor: Tensor) -> int:
-    """Bytes of a tensor's elements (of the local shard for a DTensor)."""
-    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-    return local.numel() * local.element_size()
-
-
-def state_entry_bytes(state: dict) -> dict[str, int]:
-    """Bytes of one parameter's optimizer state, by category."""
-    out = {"moments": 0, "basis": 0, "other": 0}
-    for key, value in state.items():
-        if isinstance(value, Tensor):
-            out[STATE_CATEGORIES.get(key, "other")] += tensor_bytes(value)
-    return out
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes of an optimizer's state by category: ``moments``, ``basis``, ``other`` and ``total``."""
-    out = {"moments": 0, "basis": 0, "other": 0}
-    for state in optimizer.state.values():
-        for key, value in state_entry_bytes(state).items():
-            out[key] += value
-    out["total"] = sum(out.values())
-    return out
-
-
-def format_bytes(num: int) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(num) < 1024 or unit == "GiB":
-            return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"
-        num /= 1024
-    raise AssertionError("unreachable")
-
-
-def module_bytes(module: torch.nn.Module) -> dict[str, int]:
-    """Bytes of a module's parameters, buffers (e.g. SST's frozen singular vectors) and gradients
-    (those that exist now)."""
-    params = {id(p): p for p in module.parameters()}.values()
-    return {
-        "params": sum(tensor_bytes(p) for p in params),
-        "buffers": sum(tensor_bytes(b) for b in module.buffers()),
-        "grads": sum(tensor_bytes(p.grad) for p in params if p.grad is not None),
-    }
-
-
-class TensorMemoryTracker(TorchDispatchMode):
-    """Live bytes of CPU tensor storages, and their peak, measured op by op.
-
-    Every storage that an op produces while the mode is active (and every tensor passed to
-    :meth:`track`) is counted once, from its creation until the storage is freed — a weak
-    reference to the ``UntypedStorage`` tells when, so activations that autograd keeps for the
-    backward pass count as long as they live. Views and in-place results share their storage and
-    add nothing. This measures what a CPU run holds in tensors, which process RSS cannot (the
-    allocator keeps freed pages). CUDA tensors are left to the CUDA allocator's statistics.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-
-    def track(self, *tensors: Tensor | None) -> None:
-        """Count tensors that exist already (parameters, gradients, optimizer state, the batch)."""
-        for tensor in tensors:
-            if tensor is None or tensor.device.type != "cpu":
-                continue
-            if hasattr(tensor, "to_local"):
-                tensor = tensor.to_local()
-            storage = tensor.untyped_storage()
-            key = id(storage)
-            if key in self._live:
-                continue
-            self._live[key] = storage.nbytes()
-            weakref.finalize(storage, self._release, key)
-            self.current += self._live[key]
-            self.peak = max(self.peak, self.current)
-
-    def _release(self, key: int) -> None:
-        self.current -= self._live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if any(issubclass(t, DTensor) for t in types):
-            return NotImplemented  # let DTensor run its local ops, which come back here one by one
-        out = func(*args, **(kwargs or {}))
-        self.track(*(t for t in tree_leaves(out) if isinstance(t, Tensor)))
-        return out
-
-
-class PeakMemory:
-    """Peak tensor memory of a region: ``with PeakMemory(device, existing) as peak: ...`` then
-    ``peak.bytes``. On CUDA it reads the allocator's peak (``max_memory_allocated``); on the CPU it
-    runs a :class:`TensorMemoryTracker` that starts from the ``existing`` tensors."""
-
-    def __init__(self, device: torch.device | str, existing: Iterable[Tensor | None] = ()):
-        self.device = torch.device(device)
-        self.bytes = 0
-        self._tracker = None if self.device.type == "cuda" else TensorMemoryTracker()
-        if self._tracker is not None:
-            self._tracker.track(*existing)
-
-    def __enter__(self) -> "PeakMemory":
-        if self._tracker is None:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._tracker.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._tracker is None:
-            self.bytes = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._tracker.__exit__(*exc)
-            self.bytes = self._tracker.peak
-
-
-# --------------------------------------------------------------------------- the estimator
+from ..checks import check_positive_int
+from ..models.llama import LLAMA_SIZES, linear_shapes
+from .accounting import format_bytes
 
 #: Bytes autograd keeps for the backward pass of an lrtrain LLaMA, per token: a·hidden + b·intermediate
 #: per decoder layer, and c·vocab (the float32 log-probabilities) + d·hidden outside the layers.
@@ -158,12 +22,12 @@ _BYTES = {"fp32": 4, "bf16": 2}
 def _eight_bit(numel: int) -> int:
     """Bytes of one 8-bit moment (lrtrain's and bitsandbytes'): a code per element and a float32
     scale per block, float32 below the 8-bit threshold."""
-    from .optim.quantized import BLOCK, MIN_8BIT_SIZE
+    from ..optim.quantized import BLOCK, MIN_8BIT_SIZE
 
     return 4 * numel if numel < MIN_8BIT_SIZE else numel + 4 * -(-numel // BLOCK)
 
 
-def _trained_tensors(method: str, h: int, f: int, layers: int, vocab_size: int, wb: int, state_bits: int,
+def _trained_tensors(method: str, model: str, vocab_size: int, wb: int, state_bits: int,
                      rank: int, density: float, sparsity: float, device: str) -> tuple[list, int]:
     """``([(elements, state bytes, step temporary bytes), ...], buffer bytes)`` for every trained
     tensor of the model under ``method``. The temporaries are what one tensor's update allocates
@@ -172,7 +36,9 @@ def _trained_tensors(method: str, h: int, f: int, layers: int, vocab_size: int, 
     float32 gradient and weight, plus the low-rank moments' float32 copies, plus Fira's scaled
     residual, or at a refresh the float32 SVD (14 bytes per element; 7 in fp32); FRUGAL's
     state-free update the float32 weight, gradient and sign (12; 4 in fp32)."""
-    from .optim.quantized import CHUNK
+    from ..optim.quantized import CHUNK
+
+    h, layers = LLAMA_SIZES[model]["hidden_size"], LLAMA_SIZES[model]["num_hidden_layers"]
 
     half = wb == 2
     eight = state_bits == 8 or method == "adamw8bit"
@@ -187,10 +53,9 @@ def _trained_tensors(method: str, h: int, f: int, layers: int, vocab_size: int, 
             return numel, moments(numel), 0
         return numel, moments(numel), (16 + 4 * half) * min(numel, CHUNK) if eight else numel * wb  # lrtrain's adamw_
 
-    matrices = [(h, h)] * 4 + [(f, h)] * 2 + [(h, f)]  # per layer: q k v o, gate up, down (out, in)
     tensors = [adam(vocab_size * h), adam(vocab_size * h)] + [adam(h)] * (2 * layers + 1)
     buffers = 0
-    for m, n in matrices * layers:
+    for m, n in linear_shapes(model):
         r = min(rank, m, n)
         if method in ("adamw", "adamw8bit"):
             tensors.append(adam(m * n))
@@ -235,8 +100,6 @@ def estimate(
     ``world_size`` > 1 is FSDP2: weights, gradients and state split, two layers gathered at a time.
     ``rank`` defaults to the references' rank for the size (:data:`RECIPE_RANK`).
     """
-    from .models.llama import LLAMA_SIZES
-
     if model not in LLAMA_SIZES:
         raise ValueError(f"model must be one of {', '.join(LLAMA_SIZES)}; got {model!r}")
     if method not in METHODS:
@@ -250,12 +113,11 @@ def estimate(
     if layerwise and method not in ("galore", "fira"):
         raise ValueError(f"layerwise=True is modelled for galore and fira (LayerwiseUpdates); got method={method!r}")
     for name, value in (("micro_batch", micro_batch), ("seq_len", seq_len), ("world_size", world_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int; got {value!r}")
+        check_positive_int(name, value)
     size = LLAMA_SIZES[model]
     h, f, layers = size["hidden_size"], size["intermediate_size"], size["num_hidden_layers"]
     wb, tokens = _BYTES[dtype], micro_batch * seq_len
-    tensors, buffers = _trained_tensors(method, h, f, layers, vocab_size, wb, state_bits, rank or RECIPE_RANK[model],
+    tensors, buffers = _trained_tensors(method, model, vocab_size, wb, state_bits, rank or RECIPE_RANK[model],
                                         density, sparsity, device)
     weights = sum(numel for numel, _, _ in tensors) * wb + buffers
     state = sum(state for _, state, _ in tensors)
@@ -274,7 +136,7 @@ def estimate(
     else:
         step = gradients + max(temporary for _, _, temporary in tensors)
     if world_size > 1:  # FSDP2: everything split, plus two gathered layers
-        layer = (4 * h * h + 3 * h * f) * wb
+        layer = sum(m * n for m, n in linear_shapes(model, layers=1)) * wb
         weights, gradients, state = weights // world_size + 2 * layer, gradients // world_size, state // world_size
         step = step // world_size + layer
     transient = max(backward_start, step)
@@ -287,8 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     as a table, with AdamW's (same dtype and batch) beside it."""
     import argparse
 
-    from .models.llama import LLAMA_SIZES
-    from .text import format_table
+    from ..text import format_table
 
     parser = argparse.ArgumentParser(prog="python -m lrtrain.memory", description=main.__doc__.split(":")[0])
     parser.add_argument("model", choices=list(LLAMA_SIZES))
@@ -320,7 +181,3 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.model}, {args.dtype} weights, {args.batch} x {args.seq} tokens, world size {args.world_size}, "
           f"{args.device} (estimate)")
     print(format_table(rows))
-
-
-if __name__ == "__main__":
-    main()
