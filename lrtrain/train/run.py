@@ -56,10 +56,10 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "galore_adafactor": GaLoreAdafactor,
 }
 CONSTRUCTOR_KEYS = ("lr", "betas", "eps", "weight_decay")
-#: Subspace-optimizer options for every group, the plain one (embeddings, head, norms) included
-#: (GaLoreAdafactor's Adafactor arguments among them).
-OPTIMIZER_WIDE_KEYS = ("state_bits", "beta1", "clip_threshold", "decay_rate", "relative_step", "scale_parameter",
-                       "warmup_init")
+#: Subspace-optimizer options for every group, the plain one (embeddings, head, norms) included:
+#: the AdamW formula and its direction, 8-bit moments, GaLoreAdafactor's Adafactor arguments.
+OPTIMIZER_WIDE_KEYS = ("adam_style", "maximize", "state_bits", "beta1", "clip_threshold", "decay_rate",
+                       "relative_step", "scale_parameter", "warmup_init")
 #: Keys of the sst parameterization config that drive its controller rather than its layers.
 SST_CONTROLLER_KEYS = ("sample_every", "iterations_per_round")
 #: Settings that change how a run is watched, not what it computes: they may differ on resume.

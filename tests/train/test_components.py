@@ -152,3 +152,14 @@ def test_disabled_logger_writes_nothing(tmp_path):
     logger.log(1, {"a": 1.0})
     logger.finish({})
     assert not (tmp_path / "rank1").exists()
+
+
+def test_optimizer_wide_config_keys_reach_the_plain_groups():
+    """optimizer.adam_style (and maximize, state_bits) set the formula of every group: the embeddings and
+    the head too, not only the low-rank group (they used to run the preset's formula silently)."""
+    from lrtrain.train.run import build_optimizer
+    from tests.conftest import TinyLM
+
+    optimizer = build_optimizer({"name": "galore", "rank": 4, "adam_style": "torch", "maximize": True}, TinyLM())
+    assert len(optimizer.param_groups) == 2
+    assert all(group["adam_style"] == "torch" and group["maximize"] for group in optimizer.param_groups)
