@@ -91,7 +91,7 @@ class LayerwiseUpdates:
         accumulation of an epoch may be short). ``step_optimizer=False``: the loop calls
         ``optimizer.step()`` itself after the last micro-batch (it updates nothing: see below)."""
         if (index is None) == (last is None):
-            raise ValueError("micro_batch takes the micro-batch's index or last=True/False, not both")
+            raise ValueError("micro_batch takes exactly one of the micro-batch's index and last=True/False")
         self._boundary = index == self.grad_accum - 1 if last is None else bool(last)
         yield
         if self._boundary:  # the step is complete: its norm clips the next one

@@ -626,7 +626,7 @@ class SubspaceAdamW(Optimizer):
         group = self.param_groups[-1]
         try:
             validate_options(group)
-            self._validate_state_bits(group)
+            self._validate_sharding(group)
             for i, p in enumerate(group["params"]):
                 if p.is_complex():
                     raise TypeError(f"{self._param_name(group, i)} is {p.dtype}: lrtrain's optimizers take real "
@@ -655,12 +655,18 @@ class SubspaceAdamW(Optimizer):
             return [p for _, p in params]
         return params
 
-    def _validate_state_bits(self, group: dict) -> None:
-        if group["state_bits"] == 8 and any(isinstance(p, DTensor) for p in group["params"]):
+    def _validate_sharding(self, group: dict) -> None:
+        """What sharded (FSDP2) parameters cannot take: 8-bit state, Adafactor's factored statistics."""
+        if not any(isinstance(p, DTensor) for p in group["params"]):
+            return
+        if group["state_bits"] == 8:
             raise ValueError(
                 "state_bits=8 with sharded (FSDP2) parameters: the block scales would depend on how the tensor is "
                 "split, so checkpoints could not reshard; use state_bits=32 with FSDP2, or DDP"
             )
+        if group["inner"] == "adafactor":
+            raise ValueError("inner='adafactor' (GaLoreAdafactor) with sharded (FSDP2) parameters: its row and column "
+                             "statistics span the whole matrix; use DDP, or GaLoreAdamW with FSDP2")
 
     def _validate_projected_params(self, group: dict) -> None:
         blocks = group["proj_method"] == "blocks"
@@ -886,8 +892,6 @@ class SubspaceAdamW(Optimizer):
     def _adafactor_param(self, group: dict, i: int, index: int, p: Tensor) -> None:
         """GaLore's Adafactor (``inner="adafactor"``): Adafactor on R, or on G in a plain group, then
         W ← W·(1 - lr_t·wd) - scale·back(U) (plain: W - U), with U the clipped, lr_t-scaled update."""
-        if isinstance(p, DTensor):
-            raise NotImplementedError("inner='adafactor' does not take sharded (FSDP2) parameters; use DDP")
         grad, state = self._grad(group, i, p).to(compute_dtype(p.dtype)), self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)

@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from lrtrain.distributed import COMM
-from lrtrain.optim import FiraAdamW, FrugalAdamW, GaLoreAdamW
+from lrtrain.optim import FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW
 
 F64 = torch.float64
 MATRICES = [((37, 11), 0), ((12, 29), 1), ((12, 29), 0), ((30, 14), 1)]  # (shape, split dim)
@@ -97,16 +97,20 @@ def steady_steps_communicate_nothing(mesh):
         print("ok steady steps")
 
 
-def eight_bit_state_refuses_split_parameters(mesh):
+def split_parameters_are_refused_where_unsupported(mesh):
+    """8-bit state and Adafactor's factored statistics refuse sharded parameters when the optimizer is built."""
     p = torch.nn.Parameter(distribute_tensor(torch.randn(16, 8), mesh, [Shard(0)]))
-    try:
-        GaLoreAdamW([p], state_bits=8)
-    except ValueError as err:
-        assert "state_bits=8 with sharded (FSDP2) parameters" in str(err), err
-    else:
-        raise AssertionError("state_bits=8 accepted a split parameter")
+    for make, message in ((lambda: GaLoreAdamW([p], state_bits=8), "state_bits=8 with sharded (FSDP2) parameters"),
+                          (lambda: GaLoreAdafactor([p]), "inner='adafactor' (GaLoreAdafactor) with sharded")):
+        try:
+            make()
+        except ValueError as err:
+            assert message in str(err), err
+        else:
+            raise AssertionError(f"a split parameter was accepted where {message!r} should refuse it")
     if dist.get_rank() == 0:
         print("ok 8-bit refuses split parameters")
+        print("ok Adafactor refuses split parameters")
 
 
 def main():
@@ -116,7 +120,7 @@ def main():
     for label in selected:
         run_case(label, *CASES[label], mesh, dist.get_rank())
     steady_steps_communicate_nothing(mesh)
-    eight_bit_state_refuses_split_parameters(mesh)
+    split_parameters_are_refused_where_unsupported(mesh)
     dist.barrier()
     dist.destroy_process_group()
 

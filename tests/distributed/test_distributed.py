@@ -25,5 +25,5 @@ def test_sharded_optimizers_match_one_process():
     out = torchrun("optimizer_parity.py")
     for case in ("galore-svd", "galore-randomized", "fira-svd", "fira-random", "frugal-svd-sign",
                  "frugal-coordinates", "frugal-sgd-randomized", "frugal-blocks", "steady steps",
-                 "8-bit refuses split parameters"):
+                 "8-bit refuses split parameters", "Adafactor refuses split parameters"):
         assert f"ok {case}\n" in out

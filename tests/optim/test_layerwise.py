@@ -163,8 +163,11 @@ def test_refusals():
     with pytest.raises(ValueError, match="blocks"):
         LayerwiseUpdates(blocks)
     layerwise = LayerwiseUpdates(GaLoreAdamW(param_groups(model, rank=4)), grad_accum=2)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="exactly one"):
         with layerwise.micro_batch(1, last=True):
+            pass
+    with pytest.raises(ValueError, match="exactly one"):
+        with layerwise.micro_batch():
             pass
 
 
