@@ -184,16 +184,35 @@ def adam_step_size(lr: float, step: float, group: dict) -> float:
     return lr / (1.0 - beta1**step)
 
 
+def decoupled_decay(lr: float, group: dict) -> tuple[float, float]:
+    """Decoupled weight decay as the factors (before, after) of an update: W ← after·(before·W - update).
+    1 - lr·wd comes before in torch.optim.AdamW's order (``adam_style="torch"``), after in HF's and
+    galore-torch's (``"hf"``, where it also scales the update); the other factor is 1."""
+    keep = 1.0 - lr * group["weight_decay"]
+    return (keep, 1.0) if group["adam_style"] == "torch" else (1.0, keep)
+
+
+def state_free_lr(lr: float, group: dict) -> float:
+    """The step size of the state-free residual rules (sign_sgd, sgd): lr·scale·state_free_lr_scale."""
+    return lr * group["scale"] * group["state_free_lr_scale"]
+
+
+def per_row_or_column(coef: Tensor, side: str) -> Tensor:
+    """A coefficient per row of G, (m,), as (m, 1) on the right side; per column, (n,), as (1, n) on
+    the left; a 0-d one as it is."""
+    return coef.unsqueeze(1 if side == "right" else 0) if coef.dim() else coef
+
+
 def adamw_(param: Tensor, grad: Tensor, state: dict, group: dict, lr_scale: float = 1.0) -> None:
     """One AdamW step on a whole tensor; with adam_style="torch" these are torch.optim.AdamW's ops
     (its single-tensor path), so the numbers are identical. Adam uses lr·lr_scale, the decoupled
     decay the group's lr (FRUGAL's rule for its scaled groups). 8-bit moments are updated chunk by
     chunk (:func:`lrtrain.optim.quantized.moment_chunks`)."""
-    lr, wd = float(group["lr"]), group["weight_decay"]
-    decay_first = group["adam_style"] == "torch"
+    lr = float(group["lr"])
+    before, after = decoupled_decay(lr, group)
     param, grad = local(param), local(grad)  # elementwise: shards suffice
-    if wd and decay_first:
-        param.mul_(1.0 - lr * wd)
+    if before != 1.0:
+        param.mul_(before)
     step = float(state["step"].add_(1.0))
     step_size = adam_step_size(lr * lr_scale, step, group)
     for exp_avg, exp_avg_sq, elements in moment_chunks(state):
@@ -201,8 +220,8 @@ def adamw_(param: Tensor, grad: Tensor, state: dict, group: dict, lr_scale: floa
         exp_avg, exp_avg_sq = local(exp_avg), local(exp_avg_sq)
         g = g.to(exp_avg.dtype)  # dequantized 8-bit moments are float32, also for bf16 parameters
         p.addcdiv_(exp_avg, adam_denominator_(exp_avg, exp_avg_sq, g, step, group), value=-step_size)
-    if wd and not decay_first:
-        param.mul_(1.0 - lr * wd)
+    if after != 1.0:
+        param.mul_(after)
 
 
 # --------------------------------------------------------------------------- Adafactor math (GaLoreAdafactor)
@@ -276,7 +295,7 @@ def fira_update_(
     the ranks (the squared norms of G's columns on the left; the squared norm of S on the right).
     """
     coef = fira_coefficients(grad, low, direction, side, scale, state, gamma, reduce_)
-    coef = coef.unsqueeze(1 if side == "right" else 0)  # (m, 1) on the right, (1, n) on the left
+    coef = per_row_or_column(coef, side)
     add_project_back_(weight, (direction - coef * low).mul_(scale), basis, side, alpha=-step_size)
     weight.addcmul_(coef, grad, value=-step_size)
 
@@ -985,25 +1004,22 @@ class SubspaceAdamW(Optimizer):
     def _write_update(group, weight, grad, low, direction, basis, state, side, lr, step_size, shards) -> None:
         """W ← W - s·scale·back(N) - residual term, with decoupled decay before or after."""
         scale, rule = group["scale"], group["residual"]
-        decay = 1.0 - lr * group["weight_decay"]
-        decay_first = group["adam_style"] == "torch"
-        if decay != 1.0 and decay_first:
-            weight.mul_(decay)
+        before, after = decoupled_decay(lr, group)
+        if before != 1.0:
+            weight.mul_(before)
         if rule == "fira":
             fira_update_(weight, grad, low, direction, basis, side, step_size, scale, state, group["limiter_gamma"],
                          shards.all_reduce_)
         elif rule == "apollo":
             coef = apollo_coefficients(grad, low, direction, side, group["scale_type"], state, group["limiter_gamma"],
                                        shards.all_reduce_)
-            coef = coef.unsqueeze(1 if side == "right" else 0) if coef.dim() else coef
-            weight.addcmul_(coef, grad, value=-step_size * math.sqrt(scale))
+            weight.addcmul_(per_row_or_column(coef, side), grad, value=-step_size * math.sqrt(scale))
         else:
             add_project_back_(weight, direction, basis, side, alpha=-step_size * scale)
             if rule != "none":
-                state_free_lr = lr * scale * group["state_free_lr_scale"]
-                state_free_update_(weight, grad, low, basis, side, rule, state_free_lr)
-        if decay != 1.0 and not decay_first:
-            weight.mul_(decay)
+                state_free_update_(weight, grad, low, basis, side, rule, state_free_lr(lr, group))
+        if after != 1.0:
+            weight.mul_(after)
 
     def _refresh(self, group, index, seed_index, p, grad, state, side, rank, shards: MatrixShards) -> bool:
         """A new basis (in the parameter's layout, the same on every rank); False, with nothing
@@ -1093,8 +1109,7 @@ class SubspaceAdamW(Optimizer):
         if "step" not in first_state or int(first_state["step"]) % group["update_proj_gap"] == 0:
             self._select_blocks(group, first_index)
         lr, scale = float(group["lr"]), group["scale"]
-        decay = 1.0 - lr * group["weight_decay"]
-        decay_first = group["adam_style"] == "torch"
+        before, after = decoupled_decay(lr, group)
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -1103,18 +1118,17 @@ class SubspaceAdamW(Optimizer):
                 adamw_(p, grad, state, group, lr_scale=scale)
                 continue
             state["step"].add_(1.0)
-            if group["residual"] == "none" and decay == 1.0:
+            if group["residual"] == "none" and before * after == 1.0:
                 continue
             weight = local(p)
             work = weight if weight.dtype == compute_dtype(p.dtype) else weight.to(compute_dtype(p.dtype))
-            if decay != 1.0 and decay_first:
-                work.mul_(decay)
+            if before != 1.0:
+                work.mul_(before)
             if group["residual"] != "none":
-                state_free_lr = lr * scale * group["state_free_lr_scale"]
                 state_free_update_(work, local(grad).to(work.dtype), None, None, "right", group["residual"],
-                                   state_free_lr)
-            if decay != 1.0 and not decay_first:
-                work.mul_(decay)
+                                   state_free_lr(lr, group))
+            if after != 1.0:
+                work.mul_(after)
             if work is not weight:
                 weight.copy_(work)
 
@@ -1199,18 +1213,18 @@ def _fused_update(group: dict, weight: Tensor, grad: Tensor, basis: Tensor, stat
                                   eps=group["eps"], denom_scale=1.0 / math.sqrt(1.0 - beta2**step) if unbiased else 1.0,
                                   return_low=rule != "none")
     step_size = adam_step_size(lr, step, group)
-    decay = 1.0 - lr * group["weight_decay"]
-    after = decay if group["adam_style"] == "hf" else 1.0  # decay after the update scales the update too
+    # W ← keep·W - alpha·(...): the decay's factor, which also scales the update when it comes after it
+    before, after = decoupled_decay(lr, group)
+    keep = before * after
     if rule == "fira":
         coef = fira_coefficients(grad, low, direction, side, scale, state, group["limiter_gamma"], identity)
-        direction = (direction - coef.unsqueeze(1 if side == "right" else 0) * low).mul_(scale)
-        project_back_update_(weight, direction, basis, side, keep=decay, alpha=step_size * after, residual="fira",
+        direction = (direction - per_row_or_column(coef, side) * low).mul_(scale)
+        project_back_update_(weight, direction, basis, side, keep=keep, alpha=step_size * after, residual="fira",
                              gamma=step_size * after, grad=grad, coef=coef)
     else:
-        state_free_lr = lr * scale * group["state_free_lr_scale"] * after
         floor = roundoff_floor(grad.float(), side).flatten() if rule == "sign_sgd" else None
-        project_back_update_(weight, direction, basis, side, keep=decay, alpha=step_size * scale * after,
-                             residual=rule, gamma=state_free_lr, grad=grad, low=low, coef=floor)
+        project_back_update_(weight, direction, basis, side, keep=keep, alpha=step_size * scale * after,
+                             residual=rule, gamma=state_free_lr(lr, group) * after, grad=grad, low=low, coef=floor)
 
 
 def _loaded_entry(key: str, value: Any, p: Tensor, own_dtype: bool) -> Any:
