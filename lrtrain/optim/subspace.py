@@ -20,7 +20,8 @@ t (t0 = t - 1 steps taken so far):
                      per row/column (``scale_type="channel"``) or for the whole matrix ("tensor"),
                      ℓ the limiter on ‖φ⊙G‖;
      ``"sign_sgd"``  FRUGAL: lr·scale·c·sign(G - back(R)),  c = ``state_free_lr_scale``;
-     ``"sgd"``       FRUGAL: lr·scale·c·(G - back(R));
+     ``"sgd"``       FRUGAL: lr·scale·c·(G - back(R))
+   (each rule is one entry of :data:`RESIDUAL_RULES`: its torch form and its kernel arguments);
 5. decoupled weight decay W ← W·(1 - lr·wd): after the update for "hf" (as galore-torch and fira
    do), before it for "torch" (as torch.optim.AdamW and FRUGAL do).
 
@@ -53,6 +54,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -83,7 +85,6 @@ from .projector import (
 from .quantized import float_moments, init_8bit_moments, moment_chunks, zero_moments_
 
 ADAM_STYLES = ("hf", "torch")
-RESIDUALS = ("none", "fira", "apollo", "sign_sgd", "sgd")
 SCALE_TYPES = ("channel", "tensor")
 INNER = ("adam", "adafactor")
 REFRESH_MOMENTS = ("keep", "reset", "project")
@@ -383,6 +384,72 @@ def state_free_update_(
     weight.add_(residual.sign_(), alpha=-lr)
 
 
+# --------------------------------------------------------------------------- the rule table
+
+
+@dataclass(frozen=True)
+class ResidualRule:
+    """One ``residual`` rule: step 4 of the module docstring (the update beyond Adam's moments), in its
+    torch form and as the fused kernel's arguments, side by side, so that the two cannot drift apart.
+
+    ``update_(weight, grad, low, direction, basis, side=, step_size=, lr=, group=, state=, reduce_=)``
+    writes W ← W - (update) in place (decay excluded); ``kernel(grad, low, direction, side=, step_size=,
+    lr=, group=, state=)`` gives :func:`lrtrain.kernels.subspace_adam.project_back_update_`'s
+    ``direction``, ``alpha``, ``residual``, ``gamma`` (and ``coef``/``low``) for the same update, or
+    the rule has ``kernel=None`` and runs on the torch path only. ``reads_low``: R is read after the
+    moment update (otherwise N may take R's memory); ``orthonormal``: G - back(R) needs an
+    orthonormal basis (APOLLO's Gaussian one is not)."""
+
+    update_: Callable[..., None]
+    kernel: Callable[..., dict] | None
+    reads_low: bool = True
+    orthonormal: bool = True
+
+
+def _galore_update_(weight, grad, low, direction, basis, *, side, step_size, lr, group, state, reduce_) -> None:
+    add_project_back_(weight, direction, basis, side, alpha=-step_size * group["scale"])
+
+
+def _fira_update_(weight, grad, low, direction, basis, *, side, step_size, lr, group, state, reduce_) -> None:
+    fira_update_(weight, grad, low, direction, basis, side, step_size, group["scale"], state,
+                 group["limiter_gamma"], reduce_)
+
+
+def _apollo_update_(weight, grad, low, direction, basis, *, side, step_size, lr, group, state, reduce_) -> None:
+    coef = apollo_coefficients(grad, low, direction, side, group["scale_type"], state, group["limiter_gamma"],
+                               reduce_)
+    weight.addcmul_(per_row_or_column(coef, side), grad, value=-step_size * math.sqrt(group["scale"]))
+
+
+def _state_free_update_(weight, grad, low, direction, basis, *, side, step_size, lr, group, state, reduce_) -> None:
+    _galore_update_(weight, grad, low, direction, basis, side=side, step_size=step_size, lr=lr, group=group,
+                    state=state, reduce_=reduce_)
+    state_free_update_(weight, grad, low, basis, side, group["residual"], state_free_lr(lr, group))
+
+
+def _fira_kernel(grad, low, direction, *, side, step_size, lr, group, state) -> dict:
+    coef = fira_coefficients(grad, low, direction, side, group["scale"], state, group["limiter_gamma"], identity)
+    direction = (direction - per_row_or_column(coef, side) * low).mul_(group["scale"])
+    return dict(direction=direction, alpha=step_size, residual="fira", gamma=step_size, coef=coef)
+
+
+def _state_free_kernel(grad, low, direction, *, side, step_size, lr, group, state) -> dict:
+    rule = group["residual"]
+    floor = roundoff_floor(grad.float(), side).flatten() if rule == "sign_sgd" else None
+    return dict(direction=direction, alpha=step_size * group["scale"], residual=rule,
+                gamma=state_free_lr(lr, group), low=low, coef=floor)
+
+
+#: ``residual`` → its rule. A new rule is one entry here (and, to run fused, a kernel code).
+RESIDUAL_RULES: dict[str, ResidualRule] = {
+    "none": ResidualRule(_galore_update_, _state_free_kernel, reads_low=False),
+    "fira": ResidualRule(_fira_update_, _fira_kernel),
+    "apollo": ResidualRule(_apollo_update_, None, orthonormal=False),
+    "sign_sgd": ResidualRule(_state_free_update_, _state_free_kernel),
+    "sgd": ResidualRule(_state_free_update_, _state_free_kernel),
+}
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -421,7 +488,7 @@ def validate_options(group: dict) -> None:
     _check_choice("proj_type", group["proj_type"], PROJ_TYPES)
     _check_choice("proj_method", group["proj_method"], GROUP_METHODS)
     _check_choice("refresh_moments", group["refresh_moments"], REFRESH_MOMENTS)
-    _check_choice("residual", group["residual"], RESIDUALS)
+    _check_choice("residual", group["residual"], tuple(RESIDUAL_RULES))
     _check_choice("block_order", group["block_order"], BLOCK_ORDERS)
     _check_choice("on_nonfinite", group["on_nonfinite"], ON_NONFINITE)
     _check_choice("basis_signs", group["basis_signs"], BASIS_SIGNS)
@@ -429,7 +496,7 @@ def validate_options(group: dict) -> None:
     _check_choice("inner", group["inner"], INNER)
     if group["inner"] == "adafactor":
         _check_adafactor(group)
-    if group["proj_method"] == "gaussian" and group["residual"] in ("fira", "sign_sgd", "sgd"):
+    if group["proj_method"] == "gaussian" and RESIDUAL_RULES[group["residual"]].orthonormal:
         raise ValueError(f"residual={group['residual']!r} needs an orthonormal basis; proj_method='gaussian' "
                          "(APOLLO's) is not one: use svd, randomized or random")
     _check_choice("state_bits", group["state_bits"], (32, 8))
@@ -475,7 +542,7 @@ def kernels_cover(group: dict) -> bool:
     """Whether lrtrain.kernels implement this group's step: Adam with 32-bit moments on a float
     basis, under the GaLore, Fira or FRUGAL rule."""
     return (group["state_bits"] == 32 and group["proj_method"] not in ("coordinates", "blocks")
-            and group["residual"] != "apollo" and group["inner"] == "adam")
+            and RESIDUAL_RULES[group["residual"]].kernel is not None and group["inner"] == "adam")
 
 
 @functools.cache
@@ -972,7 +1039,7 @@ class SubspaceAdamW(Optimizer):
         if side == "left":
             shards.all_reduce_(low)  # R = Σ over the ranks' rows of Pᵀ G
         # GaLore's rule never reads R again, so the denominator (and N) can take its memory.
-        reuse = low if group["residual"] == "none" else None
+        reuse = None if RESIDUAL_RULES[group["residual"]].reads_low else low
         with float_moments(state, shards.view) as (exp_avg, exp_avg_sq):
             denom = adam_denominator_(exp_avg, exp_avg_sq, low, step, group, out=reuse)
             direction = torch.div(exp_avg, denom, out=denom)
@@ -1003,21 +1070,11 @@ class SubspaceAdamW(Optimizer):
     @staticmethod
     def _write_update(group, weight, grad, low, direction, basis, state, side, lr, step_size, shards) -> None:
         """W ← W - s·scale·back(N) - residual term, with decoupled decay before or after."""
-        scale, rule = group["scale"], group["residual"]
         before, after = decoupled_decay(lr, group)
         if before != 1.0:
             weight.mul_(before)
-        if rule == "fira":
-            fira_update_(weight, grad, low, direction, basis, side, step_size, scale, state, group["limiter_gamma"],
-                         shards.all_reduce_)
-        elif rule == "apollo":
-            coef = apollo_coefficients(grad, low, direction, side, group["scale_type"], state, group["limiter_gamma"],
-                                       shards.all_reduce_)
-            weight.addcmul_(per_row_or_column(coef, side), grad, value=-step_size * math.sqrt(scale))
-        else:
-            add_project_back_(weight, direction, basis, side, alpha=-step_size * scale)
-            if rule != "none":
-                state_free_update_(weight, grad, low, basis, side, rule, state_free_lr(lr, group))
+        RESIDUAL_RULES[group["residual"]].update_(weight, grad, low, direction, basis, side=side, step_size=step_size,
+                                                  lr=lr, group=group, state=state, reduce_=shards.all_reduce_)
         if after != 1.0:
             weight.mul_(after)
 
@@ -1207,24 +1264,17 @@ def _fused_update(group: dict, weight: Tensor, grad: Tensor, basis: Tensor, stat
     from ..kernels.subspace_adam import project_adam, project_back_update_
 
     beta1, beta2 = group["betas"]
-    rule, scale = group["residual"], group["scale"]
+    rule = RESIDUAL_RULES[group["residual"]]
     unbiased = group["adam_style"] == "torch" and group["correct_bias"]
     direction, low = project_adam(grad, basis, side, state["exp_avg"], state["exp_avg_sq"], beta1=beta1, beta2=beta2,
                                   eps=group["eps"], denom_scale=1.0 / math.sqrt(1.0 - beta2**step) if unbiased else 1.0,
-                                  return_low=rule != "none")
+                                  return_low=rule.reads_low)
     step_size = adam_step_size(lr, step, group)
+    args = rule.kernel(grad, low, direction, side=side, step_size=step_size, lr=lr, group=group, state=state)
     # W ← keep·W - alpha·(...): the decay's factor, which also scales the update when it comes after it
     before, after = decoupled_decay(lr, group)
-    keep = before * after
-    if rule == "fira":
-        coef = fira_coefficients(grad, low, direction, side, scale, state, group["limiter_gamma"], identity)
-        direction = (direction - per_row_or_column(coef, side) * low).mul_(scale)
-        project_back_update_(weight, direction, basis, side, keep=keep, alpha=step_size * after, residual="fira",
-                             gamma=step_size * after, grad=grad, coef=coef)
-    else:
-        floor = roundoff_floor(grad.float(), side).flatten() if rule == "sign_sgd" else None
-        project_back_update_(weight, direction, basis, side, keep=keep, alpha=step_size * scale * after,
-                             residual=rule, gamma=state_free_lr(lr, group) * after, grad=grad, low=low, coef=floor)
+    args["alpha"], args["gamma"] = args["alpha"] * after, args["gamma"] * after
+    project_back_update_(weight, basis=basis, side=side, keep=before * after, grad=grad, **args)
 
 
 def _loaded_entry(key: str, value: Any, p: Tensor, own_dtype: bool) -> Any:
