@@ -49,12 +49,10 @@ parameter dtype, and the subspace state is kept in that dtype, also across ``loa
 from __future__ import annotations
 
 import difflib
-import functools
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -63,15 +61,28 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from ..distributed import MatrixShards, local, matrix_shards
+from .engine.adafactor import adafactor_lr, adafactor_update, init_adafactor_state, rms
+from .engine.adam import adam_denominator_, adam_step_size, adamw_, decoupled_decay
+from .engine.options import (
+    ALIASES,
+    ENGINE_OPTIONS,
+    MARKER_KEYS,
+    TORCH_ADAMW_DEFAULTS,
+    check_misspelled,
+    is_projected,
+    kernels_available,
+    kernels_cover,
+    resolve_aliases,
+    validate_marker,
+    validate_options,
+)
+from .engine.rules import RESIDUAL_RULES, ResidualRule, roundoff_floor, state_free_lr, state_free_update_
 from .projector import (
-    PROJ_METHODS,
-    PROJ_TYPES,
     add_project_back_,
     basis_transition,
     canonical_signs_,
     coordinate_basis,
     gaussian_basis,
-    identity,
     initial_seed,
     low_rank_shape,
     next_seed,
@@ -82,64 +93,19 @@ from .projector import (
     robust_svd_basis,
     subspace_rank,
 )
-from .quantized import float_moments, init_8bit_moments, moment_chunks, zero_moments_
+from .quantized import float_moments, init_8bit_moments, zero_moments_
 
-ADAM_STYLES = ("hf", "torch")
-SCALE_TYPES = ("channel", "tensor")
-INNER = ("adam", "adafactor")
-REFRESH_MOMENTS = ("keep", "reset", "project")
-BLOCK_ORDERS = ("random", "ascending", "descending", "mirror")
-ON_NONFINITE = ("skip", "raise")
-BASIS_SIGNS = ("lapack", "canonical")
-GROUP_METHODS = (*PROJ_METHODS, "blocks")
+#: Kept importable from here for code written against the single-file engine.
+__all__ = ["ENGINE_OPTIONS", "RESIDUAL_RULES", "ResidualRule", "SubspaceAdamW", "adamw_", "compute_dtype",
+           "is_projected", "param_layout", "refresh_due", "roundoff_floor", "rotate_moments_", "state_free_lr",
+           "validate_options"]
 
-#: Options every group carries (constructor keywords become the defaults of every group).
-ENGINE_OPTIONS: dict[str, Any] = {
-    "update_proj_gap": 200,
-    "scale": 0.25,
-    "proj_type": "std",
-    "proj_method": "svd",
-    "refresh_moments": "keep",
-    "residual": "none",
-    "state_free_lr_scale": 1.0,
-    "limiter_gamma": 1.01,
-    "adam_style": "hf",
-    "block_order": "random",
-    "seed": 0,
-    "on_nonfinite": "skip",
-    "oversample": 8,
-    "power_iters": 2,
-    "basis_signs": "lapack",
-    "state_bits": 32,
-    "fused": None,
-    "stagger_refresh": False,
-    "scale_type": "channel",
-    "inner": "adam",
-    "clip_threshold": 1.0,
-    "decay_rate": -0.8,
-    "relative_step": False,
-    "scale_parameter": False,
-    "warmup_init": False,
-    "eps_scale": 1e-3,
-    "maximize": False,
-}
-#: torch.optim.AdamW's arguments that lrtrain does not implement: accepted at their defaults only.
-TORCH_ADAMW_DEFAULTS = {"amsgrad": False, "foreach": None, "capturable": False, "differentiable": False,
-                        "decoupled_weight_decay": True}
-#: Keys whose presence makes a group a subspace group (never defaults).
-MARKER_KEYS = ("rank", "density")
-#: Names from the reference packages, accepted and renamed.
-ALIASES = {"alpha": "scale", "state_free": "residual"}
+
 #: State entries kept on the CPU, and those stored in float32 whatever the weights (8-bit block scales).
 _ON_CPU = {"step", "seed", "refresh_in"}
 #: The ``step`` of state allocated by torch.distributed.checkpoint's zero-gradient initialisation.
 PLACEHOLDER_STEP = -1.0
 _FLOAT32 = {"exp_avg_absmax", "exp_avg_sq_absmax"}
-
-
-def is_projected(group: dict) -> bool:
-    """A group is a subspace group when it has ``rank`` (galore-torch's marker) or ``density``."""
-    return any(group.get(key) is not None for key in MARKER_KEYS)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -151,461 +117,6 @@ def param_layout(shape: tuple[int, ...], group: dict) -> tuple[str, int]:
     """(side, rank) of a 2-D parameter in a subspace group."""
     side = projection_side(shape, group["proj_type"])
     return side, subspace_rank(shape, side, group.get("rank"), group.get("density"))
-
-
-# --------------------------------------------------------------------------- Adam math
-#
-# One tensor at a time, in place: on a CPU, batching the elementwise work of all matrices with
-# foreach ops keeps every temporary alive at once (~2x the low-rank state per step), and the fresh
-# pages cost more than the per-call overhead they save (measured with scripts/bench_optim.py).
-
-
-def adam_denominator_(
-    exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, step: float, group: dict, out: Tensor | None = None
-) -> Tensor:
-    """Update the moments in place, M ← β1·M + (1-β1)·g, V ← β2·V + (1-β2)·g² (torch.optim.AdamW's
-    ops in its order), and return √V + ε ("hf") or √V/√(1-β2ᵗ) + ε ("torch"), written into ``out``
-    (which may be ``grad``) or a new tensor."""
-    beta1, beta2 = group["betas"]
-    exp_avg.lerp_(grad, 1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = torch.sqrt(exp_avg_sq, out=out)
-    if group["adam_style"] == "torch" and group["correct_bias"]:
-        denom.div_(math.sqrt(1.0 - beta2**step))
-    return denom.add_(group["eps"])
-
-
-def adam_step_size(lr: float, step: float, group: dict) -> float:
-    """lr·√(1-β2ᵗ)/(1-β1ᵗ) ("hf") or lr/(1-β1ᵗ) ("torch"); lr without bias correction."""
-    if not group["correct_bias"]:
-        return lr
-    beta1, beta2 = group["betas"]
-    if group["adam_style"] == "hf":
-        return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-    return lr / (1.0 - beta1**step)
-
-
-def decoupled_decay(lr: float, group: dict) -> tuple[float, float]:
-    """Decoupled weight decay as the factors (before, after) of an update: W ← after·(before·W - update).
-    1 - lr·wd comes before in torch.optim.AdamW's order (``adam_style="torch"``), after in HF's and
-    galore-torch's (``"hf"``, where it also scales the update); the other factor is 1."""
-    keep = 1.0 - lr * group["weight_decay"]
-    return (keep, 1.0) if group["adam_style"] == "torch" else (1.0, keep)
-
-
-def state_free_lr(lr: float, group: dict) -> float:
-    """The step size of the state-free residual rules (sign_sgd, sgd): lr·scale·state_free_lr_scale."""
-    return lr * group["scale"] * group["state_free_lr_scale"]
-
-
-def per_row_or_column(coef: Tensor, side: str) -> Tensor:
-    """A coefficient per row of G, (m,), as (m, 1) on the right side; per column, (n,), as (1, n) on
-    the left; a 0-d one as it is."""
-    return coef.unsqueeze(1 if side == "right" else 0) if coef.dim() else coef
-
-
-def adamw_(param: Tensor, grad: Tensor, state: dict, group: dict, lr_scale: float = 1.0) -> None:
-    """One AdamW step on a whole tensor; with adam_style="torch" these are torch.optim.AdamW's ops
-    (its single-tensor path), so the numbers are identical. Adam uses lr·lr_scale, the decoupled
-    decay the group's lr (FRUGAL's rule for its scaled groups). 8-bit moments are updated chunk by
-    chunk (:func:`lrtrain.optim.quantized.moment_chunks`)."""
-    lr = float(group["lr"])
-    before, after = decoupled_decay(lr, group)
-    param, grad = local(param), local(grad)  # elementwise: shards suffice
-    if before != 1.0:
-        param.mul_(before)
-    step = float(state["step"].add_(1.0))
-    step_size = adam_step_size(lr * lr_scale, step, group)
-    for exp_avg, exp_avg_sq, elements in moment_chunks(state):
-        p, g = (param, grad) if elements is None else (param.view(-1)[elements], grad.reshape(-1)[elements])
-        exp_avg, exp_avg_sq = local(exp_avg), local(exp_avg_sq)
-        g = g.to(exp_avg.dtype)  # dequantized 8-bit moments are float32, also for bf16 parameters
-        p.addcdiv_(exp_avg, adam_denominator_(exp_avg, exp_avg_sq, g, step, group), value=-step_size)
-    if after != 1.0:
-        param.mul_(after)
-
-
-# --------------------------------------------------------------------------- Adafactor math (GaLoreAdafactor)
-
-
-def rms(tensor: Tensor) -> Tensor:
-    """‖x‖₂ / √numel (0-d)."""
-    return tensor.norm(2) / tensor.numel() ** 0.5
-
-
-def adafactor_lr(group: dict, step: float, weight_rms: Tensor) -> float:
-    """Adafactor's step size: ρ_t = min(1e-2 (or 1e-6·t with ``warmup_init``), 1/√t) with
-    ``relative_step``, else lr; times max(eps_scale, RMS(W)) with ``scale_parameter``."""
-    rate = float(group["lr"])
-    if group["relative_step"]:
-        rate = min(1e-6 * step if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(step))
-    return rate * max(group["eps_scale"], float(weight_rms)) if group["scale_parameter"] else rate
-
-
-def init_adafactor_state(state: dict, grad: Tensor, use_first_moment: bool) -> None:
-    """Zero statistics for ``grad``'s shape: factored row/column means of G² for matrices
-    (``exp_avg_sq_row`` (m,), ``exp_avg_sq_col`` (n,)), a full ``exp_avg_sq`` for vectors, and
-    ``exp_avg`` when β1 > 0."""
-    if use_first_moment:
-        state["exp_avg"] = torch.zeros_like(grad)
-    if grad.dim() >= 2:
-        state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[:-1])
-        state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
-    else:
-        state["exp_avg_sq"] = torch.zeros_like(grad)
-
-
-def adafactor_update(grad: Tensor, state: dict, group: dict, step: float, lr: float) -> Tensor:
-    """Adafactor's update U (the shape of ``grad``), updating its statistics (β̂2 = 1 - t^decay_rate)::
-
-        V̂ = row·colᵀ / mean(row)   (factored)  or  V ← β̂2·V + (1-β̂2)·(G² + ε)
-        U = G/√V̂;  U ← U / max(1, RMS(U)/clip_threshold);  U ← lr·U;  with β1: M ← β1·M + (1-β1)·U, U = M
-    """
-    beta2t = 1.0 - step ** group["decay_rate"]
-    squared = grad.square().add_(group["eps"])
-    if "exp_avg_sq_row" in state:
-        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        row.mul_(beta2t).add_(squared.mean(dim=-1), alpha=1.0 - beta2t)
-        col.mul_(beta2t).add_(squared.mean(dim=-2), alpha=1.0 - beta2t)
-        row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-        update = torch.mul(row_factor, col.unsqueeze(-2).rsqrt()).mul_(grad)
-    else:
-        state["exp_avg_sq"].mul_(beta2t).add_(squared, alpha=1.0 - beta2t)
-        update = state["exp_avg_sq"].rsqrt().mul_(grad)
-    update.div_((rms(update) / group["clip_threshold"]).clamp_(min=1.0)).mul_(lr)
-    if "exp_avg" in state:
-        beta1 = group["betas"][0]
-        update = state["exp_avg"].mul_(beta1).add_(update, alpha=1.0 - beta1)
-    return update
-
-
-# --------------------------------------------------------------------------- residual rules
-
-
-def fira_update_(
-    weight: Tensor, grad: Tensor, low: Tensor, direction: Tensor, basis: Tensor, side: str,
-    step_size: float, scale: float, state: dict, gamma: float | None, reduce_: Callable[[Tensor], Tensor],
-) -> None:
-    """W ← W - s·(scale·back(N) + ℓ⁻¹·φ⊙(G - scale·back(R))), without a full-size temporary.
-
-    With an orthonormal basis, row i (right side; column i on the left) of the residual obeys
-    ‖g_i - α·back(R)_i‖² = ‖g_i‖² - (2α - α²)·‖R_i‖², which gives ‖S‖ for the limiter; and
-    φ⊙back(R) = back(φ⊙R), so the whole update is back(α(N - c⊙R)) + c⊙G with c = φ/ℓ.
-    ``low`` is R, ``direction`` is N; c comes from :func:`fira_coefficients`.
-    ``grad`` and ``weight`` may be this rank's rows of a row-split matrix: ``reduce_`` sums over
-    the ranks (the squared norms of G's columns on the left; the squared norm of S on the right).
-    """
-    coef = fira_coefficients(grad, low, direction, side, scale, state, gamma, reduce_)
-    coef = per_row_or_column(coef, side)
-    add_project_back_(weight, (direction - coef * low).mul_(scale), basis, side, alpha=-step_size)
-    weight.addcmul_(coef, grad, value=-step_size)
-
-
-def fira_coefficients(
-    grad: Tensor, low: Tensor, direction: Tensor, side: str, scale: float, state: dict, gamma: float | None,
-    reduce_: Callable[[Tensor], Tensor],
-) -> Tensor:
-    """Fira's c = φ/ℓ: per row of G (m,) on the right, per column (n,) on the left; updates the
-    limiter state (``state["limiter_norm"]``, 0-d). ``grad`` may be stored in a half type: its
-    norms accumulate in R's dtype."""
-    dim = 1 if side == "right" else 0  # reduce over the rank dimension of R and N
-    phi = torch.linalg.vector_norm(direction, dim=dim) / (torch.linalg.vector_norm(low, dim=dim) + 1e-8)
-    residual_sq = torch.linalg.vector_norm(grad, dim=dim, dtype=low.dtype).square_()
-    if side == "left":
-        reduce_(residual_sq)
-    residual_sq.sub_(low.square().sum(dim=dim), alpha=2.0 * scale - scale * scale).clamp_(min=0.0)
-    residual_sq_total = (phi.square() * residual_sq).sum()
-    residual_norm = (reduce_(residual_sq_total) if side == "right" else residual_sq_total).sqrt()
-    return norm_growth_limit(phi, residual_norm, state, gamma)
-
-
-def norm_growth_limit(phi: Tensor, norm: Tensor, state: dict, gamma: float | None) -> Tensor:
-    """Fira's norm-growth limiter: φ/ℓ with ℓ = max(‖S‖/‖S_prev‖, γ)/γ, ``norm`` = ‖S‖ of the update
-    φ scales; keeps ‖S‖/ℓ in ``state["limiter_norm"]`` (0-d) for the next step. No limit with γ None."""
-    if gamma is not None and "limiter_norm" in state:
-        limiter = torch.clamp(norm / (state["limiter_norm"] + 1e-8), min=gamma) / gamma
-        phi, norm = phi / limiter, norm / limiter
-    state["limiter_norm"] = norm
-    return phi
-
-
-def apollo_coefficients(
-    grad: Tensor, low: Tensor, direction: Tensor, side: str, scale_type: str, state: dict, gamma: float | None,
-    reduce_: Callable[[Tensor], Tensor],
-) -> Tensor:
-    """APOLLO's c = φ/ℓ: φ = ‖N‖/(‖R‖+1e-8) per row of G (m,) on the right, per column (n,) on the
-    left (``"channel"``), or one 0-d ratio of Frobenius norms (``"tensor"``); ℓ the norm-growth limiter
-    on ‖φ⊙G‖ (``state["limiter_norm"]``), computed from G's row/column norms without a temporary.
-    ``reduce_`` sums over ranks for a row-split matrix, as in :func:`fira_coefficients`."""
-    dim = 1 if side == "right" else 0  # reduce over the rank dimension of R and N
-    grad_sq = torch.linalg.vector_norm(grad, dim=dim, dtype=low.dtype).square_()
-    if side == "left":
-        reduce_(grad_sq)  # column norms span the ranks' rows
-    if scale_type == "channel":
-        phi = torch.linalg.vector_norm(direction, dim=dim) / (torch.linalg.vector_norm(low, dim=dim) + 1e-8)
-        update_sq = (phi.square() * grad_sq).sum()
-    else:
-        squares = torch.stack([direction.square().sum(), low.square().sum(), grad_sq.sum()])
-        if side == "right":
-            reduce_(squares)  # N, R and G rows are this rank's
-        phi = squares[0].sqrt() / (squares[1].sqrt() + 1e-8)
-        update_sq = phi.square() * squares[2]
-    update_norm = (reduce_(update_sq) if side == "right" and scale_type == "channel" else update_sq).sqrt()
-    return norm_growth_limit(phi, update_norm, state, gamma)
-
-
-#: Residual entries within this many float ulps of the gradient's norm along the projected dimension
-#: are round-off of the projection (measured worst for a gradient inside its subspace: 1.5 ulps).
-ROUNDOFF_ULPS = 16
-
-
-def roundoff_floor(grad: Tensor, side: str) -> Tensor:
-    """ROUNDOFF_ULPS·ε·‖G‖ along the dimension the basis spans: (m, 1) rows on the right side,
-    (1, n) columns on the left. An entry of G - back(R) at or below it is round-off, not gradient
-    outside the subspace, so sign-SGD leaves it at 0 instead of a whole lr-sized step."""
-    norms = torch.linalg.vector_norm(grad, dim=1 if side == "right" else 0, keepdim=True)
-    return norms.mul_(ROUNDOFF_ULPS * torch.finfo(grad.dtype).eps)
-
-
-def state_free_update_(
-    weight: Tensor, grad: Tensor, low: Tensor | None, basis: Tensor | None, side: str, rule: str, lr: float
-) -> None:
-    """W ← W - lr·rule(G - back(R)) for ``rule`` in sign_sgd | sgd (G itself when ``basis`` is None);
-    sign-SGD treats residual entries at round-off level (:func:`roundoff_floor`) as 0."""
-    if rule == "sgd":
-        weight.add_(grad, alpha=-lr)
-        if basis is not None:
-            add_project_back_(weight, low, basis, side, alpha=lr)
-        return
-    residual = grad.clone()
-    if basis is not None:
-        add_project_back_(residual, low, basis, side, alpha=-1.0)
-        residual.masked_fill_(residual.abs() <= roundoff_floor(grad, side), 0.0)
-    weight.add_(residual.sign_(), alpha=-lr)
-
-
-# --------------------------------------------------------------------------- the rule table
-
-
-@dataclass(frozen=True)
-class ResidualRule:
-    """One ``residual`` rule: step 4 of the module docstring (the update beyond Adam's moments), in its
-    torch form and as the fused kernel's arguments, side by side, so that the two cannot drift apart.
-
-    ``update_(weight, grad, low, direction, basis, side=, step_size=, lr=, group=, state=, reduce_=)``
-    writes W ← W - (update) in place (decay excluded); ``kernel(grad, low, direction, side=, step_size=,
-    lr=, group=, state=)`` gives :func:`lrtrain.kernels.subspace_adam.project_back_update_`'s
-    ``direction``, ``alpha``, ``residual``, ``gamma`` (and ``coef``/``low``) for the same update, or
-    the rule has ``kernel=None`` and runs on the torch path only. ``reads_low``: R is read after the
-    moment update (otherwise N may take R's memory); ``orthonormal``: G - back(R) needs an
-    orthonormal basis (APOLLO's Gaussian one is not)."""
-
-    update_: Callable[..., None]
-    kernel: Callable[..., dict] | None
-    reads_low: bool = True
-    orthonormal: bool = True
-
-
-def _galore_update_(weight, grad, low, direction, basis, *, side, step_size, lr, group, state, reduce_) -> None:
-    add_project_back_(weight, direction, basis, side, alpha=-step_size * group["scale"])
-
-
-def _fira_update_(weight, grad, low, direction, basis, *, side, step_size, lr, group, state, reduce_) -> None:
-    fira_update_(weight, grad, low, direction, basis, side, step_size, group["scale"], state,
-                 group["limiter_gamma"], reduce_)
-
-
-def _apollo_update_(weight, grad, low, direction, basis, *, side, step_size, lr, group, state, reduce_) -> None:
-    coef = apollo_coefficients(grad, low, direction, side, group["scale_type"], state, group["limiter_gamma"],
-                               reduce_)
-    weight.addcmul_(per_row_or_column(coef, side), grad, value=-step_size * math.sqrt(group["scale"]))
-
-
-def _state_free_update_(weight, grad, low, direction, basis, *, side, step_size, lr, group, state, reduce_) -> None:
-    _galore_update_(weight, grad, low, direction, basis, side=side, step_size=step_size, lr=lr, group=group,
-                    state=state, reduce_=reduce_)
-    state_free_update_(weight, grad, low, basis, side, group["residual"], state_free_lr(lr, group))
-
-
-def _fira_kernel(grad, low, direction, *, side, step_size, lr, group, state) -> dict:
-    coef = fira_coefficients(grad, low, direction, side, group["scale"], state, group["limiter_gamma"], identity)
-    direction = (direction - per_row_or_column(coef, side) * low).mul_(group["scale"])
-    return dict(direction=direction, alpha=step_size, residual="fira", gamma=step_size, coef=coef)
-
-
-def _state_free_kernel(grad, low, direction, *, side, step_size, lr, group, state) -> dict:
-    rule = group["residual"]
-    floor = roundoff_floor(grad.float(), side).flatten() if rule == "sign_sgd" else None
-    return dict(direction=direction, alpha=step_size * group["scale"], residual=rule,
-                gamma=state_free_lr(lr, group), low=low, coef=floor)
-
-
-#: ``residual`` → its rule. A new rule is one entry here (and, to run fused, a kernel code).
-RESIDUAL_RULES: dict[str, ResidualRule] = {
-    "none": ResidualRule(_galore_update_, _state_free_kernel, reads_low=False),
-    "fira": ResidualRule(_fira_update_, _fira_kernel),
-    "apollo": ResidualRule(_apollo_update_, None, orthonormal=False),
-    "sign_sgd": ResidualRule(_state_free_update_, _state_free_kernel),
-    "sgd": ResidualRule(_state_free_update_, _state_free_kernel),
-}
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_choice(key: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{key} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-
-
-def validate_options(group: dict) -> None:
-    """Check the hyperparameters and options of a group (or of the defaults); raise naming the key."""
-    lr = float(group["lr"])
-    if not lr >= 0.0:
-        raise ValueError(f"lr must be >= 0; got {group['lr']}")
-    betas = group["betas"]
-    if len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
-    for i, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"betas[{i}] must be in [0, 1); got {beta}")
-    if not isinstance(group["maximize"], bool):
-        raise ValueError(f"maximize must be True or False; got {group['maximize']!r}")
-    for key in ("eps", "weight_decay", "scale", "state_free_lr_scale"):
-        if not group[key] >= 0.0:
-            raise ValueError(f"{key} must be >= 0; got {group[key]}")
-    gap = group["update_proj_gap"]
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
-        raise ValueError(f"update_proj_gap must be an integer >= 1; got {gap!r}")
-    gamma = group["limiter_gamma"]
-    if gamma is not None and not gamma >= 1.0:
-        raise ValueError(f"limiter_gamma must be >= 1 (Fira uses 1.01) or None to turn the limiter off; got {gamma}")
-    for key in ("seed", "oversample", "power_iters"):
-        value = group[key]
-        if isinstance(value, bool) or not isinstance(value, int) or (key != "seed" and value < 0):
-            raise ValueError(f"{key} must be an integer{'' if key == 'seed' else ' >= 0'}; got {value!r}")
-    _check_choice("adam_style", group["adam_style"], ADAM_STYLES)
-    _check_choice("proj_type", group["proj_type"], PROJ_TYPES)
-    _check_choice("proj_method", group["proj_method"], GROUP_METHODS)
-    _check_choice("refresh_moments", group["refresh_moments"], REFRESH_MOMENTS)
-    _check_choice("residual", group["residual"], tuple(RESIDUAL_RULES))
-    _check_choice("block_order", group["block_order"], BLOCK_ORDERS)
-    _check_choice("on_nonfinite", group["on_nonfinite"], ON_NONFINITE)
-    _check_choice("basis_signs", group["basis_signs"], BASIS_SIGNS)
-    _check_choice("scale_type", group["scale_type"], SCALE_TYPES)
-    _check_choice("inner", group["inner"], INNER)
-    if group["inner"] == "adafactor":
-        _check_adafactor(group)
-    if group["proj_method"] == "gaussian" and RESIDUAL_RULES[group["residual"]].orthonormal:
-        raise ValueError(f"residual={group['residual']!r} needs an orthonormal basis; proj_method='gaussian' "
-                         "(APOLLO's) is not one: use svd, randomized or random")
-    _check_choice("state_bits", group["state_bits"], (32, 8))
-    _check_choice("fused", group["fused"], (None, True, False))
-    if group["fused"]:
-        _check_fused(group)
-    if group["state_bits"] == 8:
-        try:
-            import bitsandbytes.functional  # noqa: F401
-        except ImportError as err:
-            raise ValueError("state_bits=8 stores moments with bitsandbytes: pip install bitsandbytes "
-                             "(or lrtrain[bnb])") from err
-
-
-def _check_adafactor(group: dict) -> None:
-    """inner="adafactor": GaLore's Adafactor; what it does not combine with is refused by name."""
-    if not group["clip_threshold"] > 0.0 or not group["eps_scale"] >= 0.0:
-        raise ValueError(f"clip_threshold must be > 0 and eps_scale >= 0; got {group['clip_threshold']}, "
-                         f"{group['eps_scale']}")
-    if group["warmup_init"] and not group["relative_step"]:
-        raise ValueError("warmup_init=True requires relative_step=True")
-    clashes = {"state_bits": (group["state_bits"], 32), "refresh_moments": (group["refresh_moments"], "keep"),
-               "residual": (group["residual"], "none"), "fused": (bool(group["fused"]), False)}
-    for key, (value, allowed) in clashes.items():
-        if value != allowed:
-            raise ValueError(f"inner='adafactor' (GaLoreAdafactor) runs with {key}={allowed!r}; got {value!r}")
-    if group["proj_method"] == "blocks":
-        raise ValueError("inner='adafactor' needs a subspace: proj_method='blocks' is FRUGAL's Adam mode")
-
-
-def _check_fused(group: dict) -> None:
-    """fused=True: Triton must be importable, and the group's step must be one the kernels cover."""
-    if not kernels_available():
-        raise ValueError("fused=True runs lrtrain's Triton kernels: pip install triton (or lrtrain[kernels]), "
-                         "or leave fused=None (kernels where they apply) or False")
-    if not kernels_cover(group):
-        raise ValueError(f"fused=True covers 32-bit moments, float bases and the GaLore, Fira and FRUGAL rules; this "
-                         f"group has state_bits={group['state_bits']}, proj_method={group['proj_method']!r}, "
-                         f"residual={group['residual']!r}, inner={group['inner']!r}: use fused=None or False")
-
-
-def kernels_cover(group: dict) -> bool:
-    """Whether lrtrain.kernels implement this group's step: Adam with 32-bit moments on a float
-    basis, under the GaLore, Fira or FRUGAL rule."""
-    return (group["state_bits"] == 32 and group["proj_method"] not in ("coordinates", "blocks")
-            and RESIDUAL_RULES[group["residual"]].kernel is not None and group["inner"] == "adam")
-
-
-@functools.cache
-def kernels_available() -> bool:
-    """Whether Triton (and so lrtrain.kernels) can be imported."""
-    try:
-        import lrtrain.kernels.subspace_adam  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _validate_marker(group: dict) -> None:
-    rank, density = group.get("rank"), group.get("density")
-    blocks = group["proj_method"] == "blocks"
-    if rank is not None and density is not None:
-        raise ValueError("a param group takes 'rank' or 'density', not both")
-    if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be an integer >= 1; got {rank!r}")
-        if blocks:
-            raise ValueError(
-                "proj_method='blocks' chooses a fraction of whole tensors: give 'density' (e.g. 0.25), not 'rank'"
-            )
-    if density is not None:
-        low_ok = density >= 0.0 if blocks else density > 0.0
-        if not (low_ok and density <= 1.0):
-            interval = "[0, 1]" if blocks else "(0, 1]"
-            raise ValueError(f"density must be in {interval}; got {density}")
-    if blocks and group["residual"] == "fira":
-        raise ValueError("residual='fira' needs a subspace; with proj_method='blocks' use 'sign_sgd', 'sgd' or 'none'")
-
-
-def is_near_certain_typo(key: str, known: str) -> bool:
-    """``key`` is one edit away from ``known``: a swapped pair, a wrong or a missing character
-    (``rnak``, ``scael``, ``rnk``), or, for keys of 8 characters or more, one character too many
-    (``update_proj_gaps``). A short key with one more character (``ranks``, ``scales``) and longer
-    variants (``lr_scale``, ``weight_decay_scale``) are other code's keys (schedulers, trainers,
-    layer-wise lr decay), kept as torch keeps them."""
-    if key == known or len(known) < 4:
-        return False
-    if len(key) == len(known):
-        diff = [i for i, (a, b) in enumerate(zip(key, known)) if a != b]
-        swapped = len(diff) == 2 and diff[1] == diff[0] + 1 and key[diff[0]] == known[diff[1]] \
-            and key[diff[1]] == known[diff[0]]
-        return len(diff) == 1 or swapped
-    shorter, longer = sorted((key, known), key=len)
-    if len(longer) - len(shorter) != 1 or (len(key) > len(known) and len(known) < 8):
-        return False
-    return any(longer[:i] + longer[i + 1:] == shorter for i in range(len(longer)))
-
-
-def _check_misspelled(group: dict, known: set[str]) -> None:
-    """Refuse a group key that is a near-certain typo of one of lrtrain's own keys; keep every other."""
-    for key in group:
-        if key in known:
-            continue
-        close = next((k for k in sorted(known) if is_near_certain_typo(key, k)), None)
-        if close is not None:
-            raise ValueError(
-                f"unknown param-group key {key!r}: did you mean {close!r}? "
-                "(other extra keys are kept, as torch.optim keeps them)"
-            )
 
 
 # --------------------------------------------------------------------------- the optimizer
@@ -662,7 +173,7 @@ class SubspaceAdamW(Optimizer):
                 close = difflib.get_close_matches(key, sorted(ENGINE_OPTIONS), n=1, cutoff=0.75)
                 hint = f"; did you mean {close[0]!r}?" if close else f"; known options: {', '.join(ENGINE_OPTIONS)}"
                 raise TypeError(f"{type(self).__name__} got an unknown option {key!r}{hint}")
-        options = _resolve_aliases(dict(options))
+        options = resolve_aliases(dict(options))
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -705,8 +216,8 @@ class SubspaceAdamW(Optimizer):
         added. A group whose parameters come with or without names unlike the groups already
         there (``param_groups()`` gives ``(name, parameter)`` pairs) is adapted: its parameters
         get names ``added.<group>.<i>``, or lose theirs."""
-        group = _resolve_aliases(dict(param_group))
-        _check_misspelled(group, set(self.defaults) | set(MARKER_KEYS))
+        group = resolve_aliases(dict(param_group))
+        check_misspelled(group, set(self.defaults) | set(MARKER_KEYS))
         group["params"] = self._match_naming(group["params"])
         super().add_param_group(group)
         group = self.param_groups[-1]
@@ -719,7 +230,7 @@ class SubspaceAdamW(Optimizer):
                                     "floating-point tensors only; optimize it with torch.optim.AdamW, or train "
                                     "torch.view_as_real(p)")
             if is_projected(group):
-                _validate_marker(group)
+                validate_marker(group)
                 self._validate_projected_params(group)
             if group["inner"] == "adafactor":
                 # Adafactor keeps a first moment only if it was built with one (beta1); see _adafactor_param
@@ -1304,10 +815,3 @@ def _active_block_count(group: dict) -> int:
     return round(len(group["params"]) * group["density"])
 
 
-def _resolve_aliases(group: dict) -> dict:
-    for alias, key in ALIASES.items():
-        if alias in group:
-            if key in group:
-                raise ValueError(f"give {key!r} or its alias {alias!r}, not both")
-            group[key] = group.pop(alias)
-    return group
