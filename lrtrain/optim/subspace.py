@@ -131,20 +131,9 @@ class SubspaceAdamW(Optimizer):
             the projected side; FRUGAL's rule) is a subspace group and must hold 2-D tensors
             (any shape with ``proj_method="blocks"``).
         lr, betas, eps, weight_decay, correct_bias: as in torch.optim.AdamW / transformers.
-        **options: defaults for every group (each group may override them):
-            update_proj_gap (200), scale (0.25; Fira's ``alpha`` is accepted), proj_type
-            (std | reverse_std | left | right), proj_method (svd | randomized | random | gaussian |
-            coordinates | blocks), refresh_moments (keep | reset | project), stagger_refresh (False),
-            residual (none | fira | apollo | sign_sgd | sgd; FRUGAL's ``state_free`` is accepted),
-            scale_type (channel | tensor: APOLLO's φ), state_free_lr_scale (1.0), limiter_gamma (1.01;
-            None turns Fira's and APOLLO's limiter off), adam_style (hf | torch), block_order (random | ascending |
-            descending | mirror), seed (0; random bases are a function of it, the same on every
-            rank), on_nonfinite (skip | raise: what a NaN/Inf gradient at a refresh does),
-            oversample (8) and power_iters (2) for proj_method="randomized", basis_signs (lapack: the
-            signs the SVD returns, as galore-torch; canonical: each vector's largest entry positive,
-            so that runs agree across thread counts, devices and process layouts), fused (None:
-            lrtrain's Triton kernels for CUDA matrices when Triton is installed; True: wherever they
-            apply, CPU tensors under TRITON_INTERPRET=1 included; False: the torch path only).
+        **options: defaults for every group (each group may override them): the fields of
+            :class:`lrtrain.optim.engine.options.GroupOptions` (each with its default, its values
+            and what it means; the README's key table is made from it).
 
     The public classes are presets of this engine: they only change the defaults (``preset``).
     """

@@ -4,65 +4,137 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from ...checks import is_int, is_number
 from ..projector import PROJ_METHODS, PROJ_TYPES
 from .rules import RESIDUAL_RULES
-
-ADAM_STYLES = ("hf", "torch")
-
-
-SCALE_TYPES = ("channel", "tensor")
-
-
-INNER = ("adam", "adafactor")
-
-
-REFRESH_MOMENTS = ("keep", "reset", "project")
-
-
-BLOCK_ORDERS = ("random", "ascending", "descending", "mirror")
-
-
-ON_NONFINITE = ("skip", "raise")
-
-
-BASIS_SIGNS = ("lapack", "canonical")
-
 
 GROUP_METHODS = (*PROJ_METHODS, "blocks")
 
 
+def _option(default: Any, doc: str, *, low: float | None = None, choices: Callable[[], tuple] | None = None) -> Any:
+    """A field of :class:`GroupOptions`: its default, what it means, the least value it takes (numbers)
+    and, where the type cannot list them, a function giving its choices at check time."""
+    return field(default=default, metadata={"doc": doc, "low": low, "choices": choices})
+
+
+@dataclass(frozen=True)
+class GroupOptions:
+    """The options every param group carries, with their defaults: the schema from which the defaults
+    (:data:`ENGINE_OPTIONS`), the checks of each value (:func:`check_option`) and the README's key table
+    (:func:`options_table`) are derived. Constructor keywords set them for every group; a group may
+    override any of them. The presets (GaLoreAdamW, FiraAdamW, ...) change defaults only."""
+
+    update_proj_gap: int = _option(200, "steps between two refreshes of a matrix's subspace (GaLore's T)", low=1)
+    scale: float = _option(0.25, "α, the factor of the projected-back update (Fira's `alpha` is accepted)", low=0)
+    proj_type: Literal[PROJ_TYPES] = _option("std", "which side is projected: std (the smaller), reverse_std, "
+                                                    "left, right")
+    proj_method: Literal[GROUP_METHODS] = _option(
+        "svd", "how a refresh finds the basis: exact SVD, randomized range finder, random orthonormal, Gaussian "
+               "(APOLLO), coordinates (FRUGAL), or FRUGAL's whole-tensor blocks")
+    refresh_moments: Literal["keep", "reset", "project"] = _option(
+        "keep", "the moments at a refresh: kept as they are, zeroed with the step count, or carried into the new "
+                "basis")
+    residual: str = _option("none", "the rule for the gradient outside the subspace (FRUGAL's `state_free` is "
+                                    "accepted): one of the rule table's", choices=lambda: tuple(RESIDUAL_RULES))
+    state_free_lr_scale: float = _option(1.0, "factor of the state-free rules' step lr·scale", low=0)
+    limiter_gamma: float | None = _option(1.01, "γ of Fira's and APOLLO's norm-growth limiter (Fira uses 1.01); "
+                                                "None turns it off", low=1)
+    adam_style: Literal["hf", "torch"] = _option(
+        "hf", "AdamW's formula: hf (galore-torch, Fira: ε outside the bias correction, decay after) or torch "
+              "(torch.optim.AdamW, FRUGAL: decay first)")
+    block_order: Literal["random", "ascending", "descending", "mirror"] = _option(
+        "random", "the order in which proj_method='blocks' activates tensors")
+    seed: int = _option(0, "random bases, coordinates and blocks are a function of it, the same on every rank")
+    on_nonfinite: Literal["skip", "raise"] = _option("skip", "what a NaN/Inf gradient at a refresh does")
+    oversample: int = _option(8, "extra columns of the randomized refresh's sketch", low=0)
+    power_iters: int = _option(2, "power iterations of the randomized refresh", low=0)
+    basis_signs: Literal["lapack", "canonical"] = _option(
+        "lapack", "the SVD's signs as LAPACK returns them (as galore-torch), or each vector's largest entry "
+                  "positive (runs agree across thread counts and process layouts)")
+    state_bits: Literal[32, 8] = _option(32, "8: moments as bitsandbytes' blockwise 8-bit codes (plain groups "
+                                             "too)")
+    fused: Literal[None, True, False] = _option(
+        None, "the Triton kernels: None for CUDA matrices when Triton is installed, True wherever they apply, "
+              "False never")
+    stagger_refresh: bool = _option(False, "spread the group's refreshes over the gap instead of all at once")
+    scale_type: Literal["channel", "tensor"] = _option("channel", "APOLLO's φ: per row/column, or one for the "
+                                                                  "matrix")
+    inner: Literal["adam", "adafactor"] = _option("adam", "the optimizer inside the subspace (adafactor: "
+                                                          "GaLoreAdafactor)")
+    clip_threshold: float = _option(1.0, "Adafactor's update clipping")
+    decay_rate: float = _option(-0.8, "Adafactor's β̂2 = 1 - t^decay_rate")
+    relative_step: bool = _option(False, "Adafactor's relative step min(1e-2, 1/√t) instead of lr")
+    scale_parameter: bool = _option(False, "Adafactor's step times max(eps_scale, RMS(W))")
+    warmup_init: bool = _option(False, "Adafactor's relative step warm-up 1e-6·t")
+    eps_scale: float = _option(1e-3, "Adafactor's floor of the parameter scale (its ε2)")
+    maximize: bool = _option(False, "maximize the objective (torch.optim's `maximize`)")
+
+
+_OPTION_FIELDS = {f.name: f for f in fields(GroupOptions)}
+
+
 #: Options every group carries (constructor keywords become the defaults of every group).
-ENGINE_OPTIONS: dict[str, Any] = {
-    "update_proj_gap": 200,
-    "scale": 0.25,
-    "proj_type": "std",
-    "proj_method": "svd",
-    "refresh_moments": "keep",
-    "residual": "none",
-    "state_free_lr_scale": 1.0,
-    "limiter_gamma": 1.01,
-    "adam_style": "hf",
-    "block_order": "random",
-    "seed": 0,
-    "on_nonfinite": "skip",
-    "oversample": 8,
-    "power_iters": 2,
-    "basis_signs": "lapack",
-    "state_bits": 32,
-    "fused": None,
-    "stagger_refresh": False,
-    "scale_type": "channel",
-    "inner": "adam",
-    "clip_threshold": 1.0,
-    "decay_rate": -0.8,
-    "relative_step": False,
-    "scale_parameter": False,
-    "warmup_init": False,
-    "eps_scale": 1e-3,
-    "maximize": False,
-}
+ENGINE_OPTIONS: dict[str, Any] = {name: f.default for name, f in _OPTION_FIELDS.items()}
+
+
+@functools.cache
+def _option_types() -> dict[str, Any]:
+    return get_type_hints(GroupOptions)
+
+
+def option_choices(name: str) -> tuple | None:
+    """The values option ``name`` takes, where it is a choice (a Literal, or the rule table's)."""
+    listed = _OPTION_FIELDS[name].metadata["choices"]
+    if listed is not None:
+        return listed()
+    kind = _option_types()[name]
+    return get_args(kind) if get_origin(kind) is Literal else None
+
+
+def check_option(name: str, value: Any) -> None:
+    """``value`` is one that option ``name`` takes (one of its choices, or of its type and at least its
+    least value); raise naming the option."""
+    choices, kind, low = option_choices(name), _option_types()[name], _OPTION_FIELDS[name].metadata["low"]
+    if choices is not None:
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        return
+    nullable = type(None) in get_args(kind)
+    if nullable and value is None:
+        return
+    base = next(t for t in get_args(kind) if t is not type(None)) if nullable else kind
+    if base is bool and not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False; got {value!r}")
+    if base is int and (not is_int(value) or (low is not None and value < low)):
+        raise ValueError(f"{name} must be an integer{'' if low is None else f' >= {low}'}; got {value!r}")
+    if base is float and (not is_number(value) or (low is not None and not value >= low)):
+        bound = "a number" if low is None else f">= {low}"
+        raise ValueError(f"{name} must be {bound}{' or None' if nullable else ''}; got {value!r}")
+
+
+def _cell(value: Any) -> str:
+    return f"`{value}`" if isinstance(value, str) else f"`{value!r}`"
+
+
+def options_table() -> str:
+    """The README's table of group keys (Markdown), from :class:`GroupOptions`: key, default, the values
+    it takes, what it means."""
+    rows = ["| key | default | values | meaning |", "|---|---|---|---|"]
+    kinds = {bool: "True, False", int: "integer", float: "number"}
+    for name, option in _OPTION_FIELDS.items():
+        choices, kind, low = option_choices(name), _option_types()[name], option.metadata["low"]
+        if choices is not None:
+            values = ", ".join(_cell(choice) for choice in choices)
+        else:
+            nullable = type(None) in get_args(kind)
+            base = next(t for t in get_args(kind) if t is not type(None)) if nullable else kind
+            values = kinds[base] + ("" if low is None else f" ≥ {low}") + (", `None`" if nullable else "")
+        rows.append(f"| `{name}` | {_cell(option.default)} | {values} | {option.metadata['doc']} |")
+    return "\n".join(rows)
 
 
 #: torch.optim.AdamW's arguments that lrtrain does not implement: accepted at their defaults only.
@@ -83,11 +155,6 @@ def is_projected(group: dict) -> bool:
     return any(group.get(key) is not None for key in MARKER_KEYS)
 
 
-def _check_choice(key: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{key} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-
-
 def validate_options(group: dict) -> None:
     """Check the hyperparameters and options of a group (or of the defaults); raise naming the key."""
     lr = float(group["lr"])
@@ -99,38 +166,16 @@ def validate_options(group: dict) -> None:
     for i, beta in enumerate(betas):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"betas[{i}] must be in [0, 1); got {beta}")
-    if not isinstance(group["maximize"], bool):
-        raise ValueError(f"maximize must be True or False; got {group['maximize']!r}")
-    for key in ("eps", "weight_decay", "scale", "state_free_lr_scale"):
+    for key in ("eps", "weight_decay"):
         if not group[key] >= 0.0:
             raise ValueError(f"{key} must be >= 0; got {group[key]}")
-    gap = group["update_proj_gap"]
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
-        raise ValueError(f"update_proj_gap must be an integer >= 1; got {gap!r}")
-    gamma = group["limiter_gamma"]
-    if gamma is not None and not gamma >= 1.0:
-        raise ValueError(f"limiter_gamma must be >= 1 (Fira uses 1.01) or None to turn the limiter off; got {gamma}")
-    for key in ("seed", "oversample", "power_iters"):
-        value = group[key]
-        if isinstance(value, bool) or not isinstance(value, int) or (key != "seed" and value < 0):
-            raise ValueError(f"{key} must be an integer{'' if key == 'seed' else ' >= 0'}; got {value!r}")
-    _check_choice("adam_style", group["adam_style"], ADAM_STYLES)
-    _check_choice("proj_type", group["proj_type"], PROJ_TYPES)
-    _check_choice("proj_method", group["proj_method"], GROUP_METHODS)
-    _check_choice("refresh_moments", group["refresh_moments"], REFRESH_MOMENTS)
-    _check_choice("residual", group["residual"], tuple(RESIDUAL_RULES))
-    _check_choice("block_order", group["block_order"], BLOCK_ORDERS)
-    _check_choice("on_nonfinite", group["on_nonfinite"], ON_NONFINITE)
-    _check_choice("basis_signs", group["basis_signs"], BASIS_SIGNS)
-    _check_choice("scale_type", group["scale_type"], SCALE_TYPES)
-    _check_choice("inner", group["inner"], INNER)
+    for name in ENGINE_OPTIONS:
+        check_option(name, group[name])
     if group["inner"] == "adafactor":
         _check_adafactor(group)
     if group["proj_method"] == "gaussian" and RESIDUAL_RULES[group["residual"]].orthonormal:
         raise ValueError(f"residual={group['residual']!r} needs an orthonormal basis; proj_method='gaussian' "
                          "(APOLLO's) is not one: use svd, randomized or random")
-    _check_choice("state_bits", group["state_bits"], (32, 8))
-    _check_choice("fused", group["fused"], (None, True, False))
     if group["fused"]:
         _check_fused(group)
     if group["state_bits"] == 8:

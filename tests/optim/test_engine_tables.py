@@ -1,10 +1,15 @@
-"""A residual rule is one entry of the rule table: validation, the torch path and the fused-path
-coverage all read it."""
+"""The engine's tables: a residual rule is one entry of the rule table (validation, the torch path and
+the fused-path coverage all read it); every option is one field of the option schema (its default,
+its check and its README row all come from it)."""
+
+import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
 from lrtrain.optim import SubspaceAdamW, param_groups
+from lrtrain.optim.engine.options import ENGINE_OPTIONS, GroupOptions, option_choices, options_table
 from lrtrain.optim.projector import add_project_back_
 from lrtrain.optim.subspace import RESIDUAL_RULES, ResidualRule, state_free_lr
 from tests.conftest import TinyLM, train_lm
@@ -49,3 +54,35 @@ def test_the_table_drives_validation(half_sgd):
         SubspaceAdamW(param_groups(model, rank=4, residual="half_sgd", proj_method="gaussian"))
     with pytest.raises(ValueError, match="fused=True covers"):  # no kernel form: torch path only
         SubspaceAdamW(param_groups(model, rank=4, residual="half_sgd", fused=True))
+
+
+OPTIONS = dataclasses.fields(GroupOptions)
+
+
+def _bad_value(option: dataclasses.Field):
+    """A value the option refuses: outside its choices, a non-bool for a flag, below its least value."""
+    if option_choices(option.name) is not None:
+        return "no-such-value", "must be one of"
+    if isinstance(option.default, bool):
+        return 1, "must be True or False"
+    low = option.metadata["low"]
+    if low is not None:
+        return low - 1, f"must be .*>= {low}"
+    return "text", "must be an integer" if option.type == "int" else "must be a number"
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda f: f.name)
+def test_every_option_is_checked_from_its_field(option):
+    """Each option refuses what its field says it does not take, by name, in a group and as a default."""
+    value, message = _bad_value(option)
+    with pytest.raises(ValueError, match=f"{option.name} {message}"):
+        SubspaceAdamW(param_groups(TinyLM(), rank=4, **{option.name: value}))
+    with pytest.raises(ValueError, match=f"{option.name} {message}"):
+        SubspaceAdamW(param_groups(TinyLM(), rank=4), **{option.name: value})
+
+
+def test_defaults_and_readme_come_from_the_schema():
+    assert ENGINE_OPTIONS == {f.name: f.default for f in OPTIONS}
+    assert all(f.metadata["doc"] for f in OPTIONS)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert options_table() in readme, "README's key table is stale: paste lrtrain.optim.engine.options.options_table()"
