@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lrtrain.optim import SubspaceAdamW, param_groups
-from lrtrain.optim.engine.options import ENGINE_OPTIONS, GroupOptions, option_choices, options_table
+from lrtrain.optim.engine import options
+from lrtrain.optim.engine.options import ENGINE_OPTIONS, Combination, GroupOptions, option_choices, options_table
 from lrtrain.optim.projector import add_project_back_
 from lrtrain.optim.subspace import RESIDUAL_RULES, ResidualRule, state_free_lr
 from tests.conftest import TinyLM, train_lm
@@ -86,3 +87,17 @@ def test_defaults_and_readme_come_from_the_schema():
     assert all(f.metadata["doc"] for f in OPTIONS)
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert options_table() in readme, "README's key table is stale: paste lrtrain.optim.engine.options.options_table()"
+
+
+def test_a_refused_combination_is_one_table_entry(monkeypatch):
+    """Which option combinations are valid is declared in one table: an entry added there is refused,
+    with its message, for the defaults and for a group alike."""
+    keys = {"residual": "sgd", "stagger_refresh": True}
+    SubspaceAdamW(param_groups(TinyLM(), rank=4, **keys))  # valid as the engine ships
+    toy = Combination(lambda g: g["residual"] == "sgd" and g["stagger_refresh"],
+                      lambda g: "toy: residual='sgd' does not stagger")
+    monkeypatch.setattr(options, "COMBINATIONS", (*options.COMBINATIONS, toy))
+    with pytest.raises(ValueError, match="toy: residual='sgd' does not stagger"):
+        SubspaceAdamW(param_groups(TinyLM(), rank=4, **keys))
+    with pytest.raises(ValueError, match="toy: residual='sgd' does not stagger"):
+        SubspaceAdamW(param_groups(TinyLM(), rank=4), **keys)

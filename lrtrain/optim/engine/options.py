@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
 from ...checks import is_int, is_number
 from ..projector import PROJ_METHODS, PROJ_TYPES
@@ -171,13 +171,7 @@ def validate_options(group: dict) -> None:
             raise ValueError(f"{key} must be >= 0; got {group[key]}")
     for name in ENGINE_OPTIONS:
         check_option(name, group[name])
-    if group["inner"] == "adafactor":
-        _check_adafactor(group)
-    if group["proj_method"] == "gaussian" and RESIDUAL_RULES[group["residual"]].orthonormal:
-        raise ValueError(f"residual={group['residual']!r} needs an orthonormal basis; proj_method='gaussian' "
-                         "(APOLLO's) is not one: use svd, randomized or random")
-    if group["fused"]:
-        _check_fused(group)
+    check_combinations(group, subspace=False)
     if group["state_bits"] == 8:
         try:
             import bitsandbytes.functional  # noqa: F401
@@ -186,31 +180,57 @@ def validate_options(group: dict) -> None:
                              "(or lrtrain[bnb])") from err
 
 
-def _check_adafactor(group: dict) -> None:
-    """inner="adafactor": GaLore's Adafactor; what it does not combine with is refused by name."""
-    if not group["clip_threshold"] > 0.0 or not group["eps_scale"] >= 0.0:
-        raise ValueError(f"clip_threshold must be > 0 and eps_scale >= 0; got {group['clip_threshold']}, "
-                         f"{group['eps_scale']}")
-    if group["warmup_init"] and not group["relative_step"]:
-        raise ValueError("warmup_init=True requires relative_step=True")
-    clashes = {"state_bits": (group["state_bits"], 32), "refresh_moments": (group["refresh_moments"], "keep"),
-               "residual": (group["residual"], "none"), "fused": (bool(group["fused"]), False)}
-    for key, (value, allowed) in clashes.items():
-        if value != allowed:
-            raise ValueError(f"inner='adafactor' (GaLoreAdafactor) runs with {key}={allowed!r}; got {value!r}")
-    if group["proj_method"] == "blocks":
-        raise ValueError("inner='adafactor' needs a subspace: proj_method='blocks' is FRUGAL's Adam mode")
+class Combination(NamedTuple):
+    """An option combination the engine refuses: ``refused(group)`` says whether a group has it,
+    ``message(group)`` why and what to use instead; ``subspace`` ones apply to subspace groups only."""
+
+    refused: Callable[[dict], bool]
+    message: Callable[[dict], str]
+    subspace: bool = False
 
 
-def _check_fused(group: dict) -> None:
-    """fused=True: Triton must be importable, and the group's step must be one the kernels cover."""
-    if not kernels_available():
-        raise ValueError("fused=True runs lrtrain's Triton kernels: pip install triton (or lrtrain[kernels]), "
-                         "or leave fused=None (kernels where they apply) or False")
-    if not kernels_cover(group):
-        raise ValueError(f"fused=True covers 32-bit moments, float bases and the GaLore, Fira and FRUGAL rules; this "
-                         f"group has state_bits={group['state_bits']}, proj_method={group['proj_method']!r}, "
-                         f"residual={group['residual']!r}, inner={group['inner']!r}: use fused=None or False")
+def _adafactor_runs_with(key: str, allowed: Any) -> Combination:
+    def value(group: dict) -> Any:
+        return bool(group[key]) if isinstance(allowed, bool) else group[key]
+
+    return Combination(lambda g: g["inner"] == "adafactor" and value(g) != allowed,
+                       lambda g: f"inner='adafactor' (GaLoreAdafactor) runs with {key}={allowed!r}; got {value(g)!r}")
+
+
+#: Every option combination the engine refuses, in one table, checked in this order.
+COMBINATIONS: tuple[Combination, ...] = (
+    Combination(lambda g: g["inner"] == "adafactor" and not (g["clip_threshold"] > 0.0 and g["eps_scale"] >= 0.0),
+                lambda g: f"clip_threshold must be > 0 and eps_scale >= 0; got {g['clip_threshold']}, "
+                          f"{g['eps_scale']}"),
+    Combination(lambda g: g["inner"] == "adafactor" and g["warmup_init"] and not g["relative_step"],
+                lambda g: "warmup_init=True requires relative_step=True"),
+    _adafactor_runs_with("state_bits", 32),
+    _adafactor_runs_with("refresh_moments", "keep"),
+    _adafactor_runs_with("residual", "none"),
+    _adafactor_runs_with("fused", False),
+    Combination(lambda g: g["inner"] == "adafactor" and g["proj_method"] == "blocks",
+                lambda g: "inner='adafactor' needs a subspace: proj_method='blocks' is FRUGAL's Adam mode"),
+    Combination(lambda g: g["proj_method"] == "gaussian" and RESIDUAL_RULES[g["residual"]].orthonormal,
+                lambda g: f"residual={g['residual']!r} needs an orthonormal basis; proj_method='gaussian' "
+                          "(APOLLO's) is not one: use svd, randomized or random"),
+    Combination(lambda g: bool(g["fused"]) and not kernels_available(),
+                lambda g: "fused=True runs lrtrain's Triton kernels: pip install triton (or lrtrain[kernels]), "
+                          "or leave fused=None (kernels where they apply) or False"),
+    Combination(lambda g: bool(g["fused"]) and not kernels_cover(g),
+                lambda g: f"fused=True covers 32-bit moments, float bases and the GaLore, Fira and FRUGAL rules; "
+                          f"this group has state_bits={g['state_bits']}, proj_method={g['proj_method']!r}, "
+                          f"residual={g['residual']!r}, inner={g['inner']!r}: use fused=None or False"),
+    Combination(lambda g: g["proj_method"] == "blocks" and g["residual"] == "fira",
+                lambda g: "residual='fira' needs a subspace; with proj_method='blocks' use 'sign_sgd', 'sgd' or "
+                          "'none'", subspace=True),
+)
+
+
+def check_combinations(group: dict, *, subspace: bool) -> None:
+    """Raise the first of :data:`COMBINATIONS` (those for subspace groups with ``subspace``) the group has."""
+    for combination in COMBINATIONS:
+        if combination.subspace == subspace and combination.refused(group):
+            raise ValueError(combination.message(group))
 
 
 def kernels_cover(group: dict) -> bool:
@@ -247,8 +267,7 @@ def validate_marker(group: dict) -> None:
         if not (low_ok and density <= 1.0):
             interval = "[0, 1]" if blocks else "(0, 1]"
             raise ValueError(f"density must be in {interval}; got {density}")
-    if blocks and group["residual"] == "fira":
-        raise ValueError("residual='fira' needs a subspace; with proj_method='blocks' use 'sign_sgd', 'sgd' or 'none'")
+    check_combinations(group, subspace=True)
 
 
 def is_near_certain_typo(key: str, known: str) -> bool:
