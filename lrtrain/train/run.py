@@ -5,6 +5,7 @@ a bad value fails before any training."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -29,6 +30,7 @@ from ..optim import (
     LayerwiseUpdates,
     param_groups,
 )
+from ..optim.engine.options import ENGINE_OPTIONS
 from ..param import SSTController, conversion_summary, convert
 from .distributed import apply_fsdp2, init_distributed, local_projection_placements, wrap_ddp
 from .logger import METRICS_FILE, RUN_FILE, RunLogger
@@ -56,10 +58,8 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "galore_adafactor": GaLoreAdafactor,
 }
 CONSTRUCTOR_KEYS = ("lr", "betas", "eps", "weight_decay")
-#: Subspace-optimizer options for every group, the plain one (embeddings, head, norms) included:
-#: the AdamW formula and its direction, 8-bit moments, GaLoreAdafactor's Adafactor arguments.
-OPTIMIZER_WIDE_KEYS = ("adam_style", "maximize", "state_bits", "beta1", "clip_threshold", "decay_rate",
-                       "relative_step", "scale_parameter", "warmup_init")
+#: The keys :func:`lrtrain.optim.param_groups` takes itself (which layers, their rank and refresh settings).
+PARAM_GROUP_KEYS = frozenset(inspect.signature(param_groups).parameters) - {"model", "more_group_keys"}
 #: Keys of the sst parameterization config that drive its controller rather than its layers.
 SST_CONTROLLER_KEYS = ("sample_every", "iterations_per_round")
 #: Settings that change how a run is watched, not what it computes: they may differ on resume.
@@ -89,8 +89,9 @@ def _check_constructor_values(kwargs: Mapping[str, Any]) -> None:
 def build_optimizer(spec: Mapping[str, Any], model: nn.Module) -> torch.optim.Optimizer:
     """An optimizer from a config such as ``configs/optimizer/galore.yaml``: ``name``, the
     constructor's ``lr``/``betas``/``eps``/``weight_decay``, and for the subspace optimizers
-    ``target_modules``, ``state_bits`` (for all groups) plus any param-group keys (``rank``,
-    ``update_proj_gap``, ``scale``, ...), passed to :func:`lrtrain.optim.param_groups`."""
+    ``target_modules`` and the param-group keys of :func:`lrtrain.optim.param_groups` (``rank``,
+    ``update_proj_gap``, ``scale``, ...), and the engine's options (``state_bits``, ``adam_style``, ...),
+    which apply to every group."""
     spec = dict(spec)
     name = spec.pop("name")
     if name not in OPTIMIZERS:
@@ -103,9 +104,13 @@ def build_optimizer(spec: Mapping[str, Any], model: nn.Module) -> torch.optim.Op
         if spec:
             raise ValueError(f"optimizer keys {sorted(spec)} do not apply to {name}")
         return OPTIMIZERS[name](model.parameters(), **kwargs)
-    kwargs.update({key: spec.pop(key) for key in OPTIMIZER_WIDE_KEYS if key in spec})
-    target_modules = spec.pop("target_modules", ("attn", "mlp"))
-    return OPTIMIZERS[name](param_groups(model, target_modules=target_modules, **spec), **kwargs)
+    # The optimizer's own arguments (GaLoreAdafactor's beta1, ...) and the engine's options go to its
+    # constructor, so they hold for every group, the plain one (embeddings, head, norms) included;
+    # param_groups' keys and any other key go to the subspace group (where a near-certain typo is refused).
+    own = set(inspect.signature(OPTIMIZERS[name]).parameters) - {"params", "options"}
+    wide = [key for key in spec if key in own or (key in ENGINE_OPTIONS and key not in PARAM_GROUP_KEYS)]
+    kwargs.update({key: spec.pop(key) for key in wide})
+    return OPTIMIZERS[name](param_groups(model, **spec), **kwargs)
 
 
 def fingerprint(config: Mapping[str, Any], world_size: int = 1) -> str:
