@@ -60,7 +60,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from ..distributed import MatrixShards, local, matrix_shards
+from ..distributed import local, matrix_shards
 from .engine.adafactor import adafactor_lr, adafactor_update, init_adafactor_state, rms
 from .engine.adam import adam_denominator_, adam_step_size, adamw_, decoupled_decay
 from .engine.options import (
@@ -76,24 +76,16 @@ from .engine.options import (
     validate_marker,
     validate_options,
 )
+from .engine.refresh import MatrixPlan, refresh_basis, rotate_moments_
 from .engine.rules import RESIDUAL_RULES, ResidualRule, roundoff_floor, state_free_lr, state_free_update_
 from .projector import (
     add_project_back_,
-    basis_transition,
-    canonical_signs_,
-    coordinate_basis,
-    gaussian_basis,
     initial_seed,
-    low_rank_shape,
-    next_seed,
     project,
     projection_side,
-    random_basis,
-    randomized_basis,
-    robust_svd_basis,
     subspace_rank,
 )
-from .quantized import float_moments, init_8bit_moments, zero_moments_
+from .quantized import float_moments, init_8bit_moments
 
 #: Kept importable from here for code written against the single-file engine.
 __all__ = ["ENGINE_OPTIONS", "RESIDUAL_RULES", "ResidualRule", "SubspaceAdamW", "adamw_", "compute_dtype",
@@ -475,6 +467,12 @@ class SubspaceAdamW(Optimizer):
             _init_dense_state(state, p, group["state_bits"])
         adamw_(p, grad, state, group)
 
+    def _plan(self, group: dict, i: int, index: int, p: Tensor) -> MatrixPlan:
+        """What this step knows of subspace matrix ``p`` (``i``: its position in ``group``; ``index``: in
+        the optimizer)."""
+        side, rank = param_layout(tuple(p.shape), group)
+        return MatrixPlan(self._param_name(group, i), i, index, side, rank, matrix_shards(p))
+
     def _adafactor_param(self, group: dict, i: int, index: int, p: Tensor) -> None:
         """GaLore's Adafactor (``inner="adafactor"``): Adafactor on R, or on G in a plain group, then
         W ← W·(1 - lr_t·wd) - scale·back(U) (plain: W - U), with U the clipped, lr_t-scaled update."""
@@ -483,9 +481,9 @@ class SubspaceAdamW(Optimizer):
             state["step"] = torch.tensor(0.0)
         projected = is_projected(group)
         if projected:
-            side, rank = param_layout(tuple(p.shape), group)
-            if refresh_due(group, state) and not self._refresh(group, i, index, p, grad, state, side, rank,
-                                                               matrix_shards(p)):
+            plan = self._plan(group, i, index, p)
+            side = plan.side
+            if refresh_due(group, state) and not refresh_basis(group, plan, p, grad, state):
                 return
             low = project(grad, state["basis"], side)
             if "low_rank_grad" in state:
@@ -515,19 +513,19 @@ class SubspaceAdamW(Optimizer):
 
     def _subspace_param(self, group: dict, i: int, index: int, p: Tensor) -> None:
         lr = float(group["lr"])
-        shards = matrix_shards(p)
+        plan = self._plan(group, i, index, p)
+        shards = plan.shards
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
-        side, rank = param_layout(tuple(p.shape), group)
         refresh = refresh_due(group, state)
         fused = self._use_kernels(group, p, state)
         grad = shards.view(self._grad(group, i, p))  # this rank's rows (m_local, n)
         if refresh or not fused:  # the kernels read a half-precision gradient as it is
             grad = grad.to(compute_dtype(p.dtype))
-        if refresh and not self._refresh(group, i, index, p, grad, state, side, rank, shards):
+        if refresh and not refresh_basis(group, plan, p, grad, state):
             return
-        side = shards.view_side(side)
+        side = shards.view_side(plan.side)
         basis = shards.basis_view(state["basis"], side, compute_dtype(p.dtype))
         step = count_step(state)
         if fused:
@@ -578,86 +576,6 @@ class SubspaceAdamW(Optimizer):
         if after != 1.0:
             weight.mul_(after)
 
-    def _refresh(self, group, index, seed_index, p, grad, state, side, rank, shards: MatrixShards) -> bool:
-        """A new basis (in the parameter's layout, the same on every rank); False, with nothing
-        changed, when the gradient is not finite on some rank."""
-        if not shards.agree(bool(torch.isfinite(grad).all()), grad.device):
-            message = f"non-finite gradient (NaN/Inf) at a subspace refresh of {self._param_name(group, index)}"
-            if group["on_nonfinite"] == "raise":
-                raise FloatingPointError(message + "; pass on_nonfinite='skip' to skip such steps instead")
-            warnings.warn(
-                message + ": skipped this step for that matrix (weights, basis and moments unchanged)",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return False
-        shape, method, view_side = tuple(p.shape), group["proj_method"], shards.view_side(side)
-        if method == "svd":  # exact: on the whole gradient, as galore-torch computes it
-            full = shards.full(p.grad).to(grad.dtype)
-            if group["maximize"]:
-                full = torch.neg(full)
-            basis = shards.broadcast_(robust_svd_basis(full, rank, side, state.get("basis"),
-                                                       self._param_name(group, index)))
-        else:
-            seed = next_seed(int(state["seed"])) if "seed" in state else initial_seed(group["seed"], seed_index)
-            state["seed"] = torch.tensor(seed, dtype=torch.int64)
-            if method == "randomized":
-                basis = self._randomized_refresh(group, grad, state, side, rank, seed, p, shards)
-            elif method in ("random", "gaussian"):
-                draw = random_basis if method == "random" else gaussian_basis
-                basis = draw(seed, shape, rank, side, dtype=grad.dtype, device=grad.device)
-            else:
-                basis = coordinate_basis(seed, shape, rank, side, device=grad.device)
-        if group["basis_signs"] == "canonical" and method in ("svd", "randomized"):
-            canonical_signs_(basis, side)
-        fresh, previous = "basis" not in state, state.get("basis")
-        state["basis"] = basis
-        if group["stagger_refresh"]:  # matrix i of n: the first period is shortened by i/n of a gap
-            gap = group["update_proj_gap"]
-            first = gap - (index * gap) // len(group["params"]) if fresh else gap
-            state["refresh_in"] = torch.tensor(first, dtype=torch.int64)
-        if fresh and group["inner"] == "adafactor":
-            return True  # its factored statistics start with its first update
-        if fresh:
-            low_shape = low_rank_shape(shape, side, rank)
-            if group["state_bits"] == 8:
-                init_8bit_moments(state, low_shape, grad.dtype, grad.device)
-            else:
-                split = view_side == "right"  # moments split like the weight when its rows project locally
-                state["exp_avg"] = shards.zeros(low_shape, split=split, dtype=grad.dtype, device=grad.device)
-                state["exp_avg_sq"] = shards.zeros(low_shape, split=split, dtype=grad.dtype, device=grad.device)
-        elif group["refresh_moments"] == "reset":
-            zero_moments_(state)
-            state["step"].zero_()
-        elif group["refresh_moments"] == "project":
-            # T from the whole bases (the same on every rank), applied to this rank's view of the
-            # moments: a transposed view (a dim-1 split) swaps the side and transposes T.
-            transition = basis_transition(previous, basis, side, shape)
-            transition = transition.T if shards.transposed else transition
-            with float_moments(state, shards.view) as (exp_avg, exp_avg_sq):
-                rotate_moments_(exp_avg, exp_avg_sq, transition.to(exp_avg.dtype), view_side)
-        return True
-
-    @staticmethod
-    def _randomized_refresh(group, grad, state, side, rank, seed, p, shards: MatrixShards) -> Tensor:
-        """Subspace iteration on the basis' own side: a right basis of G, or of Gᵀ for a left one.
-
-        When the basis spans the view's columns (a right basis of a dim-0 split, a left basis of a
-        dim-1 split: the layouts the harness chooses) every rank iterates on its rows and only
-        sketches are all-reduced; in the crossed layouts the gradient is gathered, as for svd."""
-        options = {"seed": seed, "oversample": group["oversample"], "power_iters": group["power_iters"]}
-        previous = state.get("basis")
-        if shards.view_side(side) == "right":  # the basis spans the columns every rank holds
-            view_previous = None if previous is None else (previous.T if side == "left" else previous)
-            view_basis = randomized_basis(grad, rank, previous=view_previous, reduce_=shards.all_reduce_, **options)
-            return view_basis.T.contiguous() if side == "left" else view_basis
-        full = shards.full(p.grad).to(grad.dtype)  # parameter layout
-        if group["maximize"]:
-            full = torch.neg(full)
-        if side == "right":
-            return shards.broadcast_(randomized_basis(full, rank, previous=previous, **options))
-        left_previous = None if previous is None else previous.T
-        return shards.broadcast_(randomized_basis(full.T, rank, previous=left_previous, **options).T.contiguous())
 
     # ----------------------------------------------------------------- FRUGAL blocks
 
@@ -738,22 +656,6 @@ def refresh_due(group: dict, state: dict) -> bool:
     if "refresh_in" in state:
         return int(state["refresh_in"]) <= 0
     return int(state["step"]) % group["update_proj_gap"] == 0
-
-
-def rotate_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, transition: Tensor, side: str) -> None:
-    """Carry the moments into a new basis (``refresh_moments="project"``), in place.
-
-    M is re-expressed exactly: M·T on the right ((m, r)·(r, r')), T·M on the left. V, a second moment
-    per coordinate, has no exact image (it would need the covariance of R); it maps through T⊙T,
-    the variance of each new coordinate if the old ones were independent: V·(T⊙T) or (T⊙T)·V. This
-    keeps V >= 0, and equals V permuted when the new basis permutes the old one (signs included)."""
-    squared = transition.square()
-    if side == "right":
-        exp_avg.copy_(exp_avg @ transition)
-        exp_avg_sq.copy_(exp_avg_sq @ squared)
-    else:
-        exp_avg.copy_(transition @ exp_avg)
-        exp_avg_sq.copy_(squared @ exp_avg_sq)
 
 
 def _fused_update(group: dict, weight: Tensor, grad: Tensor, basis: Tensor, state: dict, side: str, lr: float,

@@ -91,12 +91,12 @@ def test_refusals(options, match):
 
 
 def test_staggered_refreshes(monkeypatch):
-    from lrtrain.optim.subspace import SubspaceAdamW
+    from lrtrain.optim import subspace
 
     refreshed = []
-    original = SubspaceAdamW._refresh
-    monkeypatch.setattr(SubspaceAdamW, "_refresh", lambda self, group, index, *a: refreshed.append(index) or
-                        original(self, group, index, *a))
+    original = subspace.refresh_basis
+    monkeypatch.setattr(subspace, "refresh_basis", lambda group, plan, *a: refreshed.append(plan.index) or
+                        original(group, plan, *a))
     params = [torch.nn.Parameter(torch.randn(12, 10)) for _ in range(4)]
     opt = GaLoreAdafactor([{"params": params, "rank": 3, "update_proj_gap": 4}], stagger_refresh=True)
     for _ in range(9):

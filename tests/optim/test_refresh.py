@@ -4,9 +4,9 @@ basis (refresh_moments="project")."""
 import pytest
 import torch
 
-from lrtrain.optim import FrugalAdamW, GaLoreAdamW, LayerwiseUpdates, param_groups
+from lrtrain.optim import FrugalAdamW, GaLoreAdamW, LayerwiseUpdates, param_groups, subspace
 from lrtrain.optim.projector import basis_transition, dense_basis, project, project_back
-from lrtrain.optim.subspace import SubspaceAdamW, rotate_moments_
+from lrtrain.optim.subspace import rotate_moments_
 from tests.conftest import TinyLM, assert_resume_is_exact
 from tests.tolerance import SEED
 
@@ -14,14 +14,15 @@ F64 = torch.float64
 
 
 def _record_refreshes(monkeypatch):
+    """The positions in their groups of the matrices whose subspace refreshes, call by call."""
     calls = []
-    original = SubspaceAdamW._refresh
+    original = subspace.refresh_basis
 
-    def spy(self, group, index, *args, **kwargs):
-        calls.append(index)
-        return original(self, group, index, *args, **kwargs)
+    def spy(group, plan, *args, **kwargs):
+        calls.append(plan.index)
+        return original(group, plan, *args, **kwargs)
 
-    monkeypatch.setattr(SubspaceAdamW, "_refresh", spy)
+    monkeypatch.setattr(subspace, "refresh_basis", spy)
     return calls
 
 

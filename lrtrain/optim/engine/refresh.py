@@ -1,0 +1,140 @@
+"""Refreshes: a new basis for a matrix's subspace, from its gradient (exact SVD, randomized range finder)
+or from a seed (random, Gaussian, coordinates), and what happens to the moments (kept, reset,
+carried into the new basis). :class:`MatrixPlan` says what a step knows of one matrix."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ...distributed import MatrixShards
+from ..projector import (
+    basis_transition,
+    canonical_signs_,
+    coordinate_basis,
+    gaussian_basis,
+    initial_seed,
+    low_rank_shape,
+    next_seed,
+    random_basis,
+    randomized_basis,
+    robust_svd_basis,
+)
+from ..quantized import float_moments, init_8bit_moments, zero_moments_
+
+
+@dataclass(frozen=True)
+class MatrixPlan:
+    """One subspace matrix as a step sees it, worked out once per step: its ``name`` (for messages), its
+    position ``index`` in its group (staggered refreshes) and ``seed_index`` in the optimizer (seeds),
+    the projected ``side`` and ``rank``, and ``shards``, this rank's rows of it."""
+
+    name: str
+    index: int
+    seed_index: int
+    side: str
+    rank: int
+    shards: MatrixShards
+
+
+def refresh_basis(group: dict, plan: MatrixPlan, p: Tensor, grad: Tensor, state: dict) -> bool:
+    """A new basis (in the parameter's layout, the same on every rank); False, with nothing
+    changed, when the gradient is not finite on some rank."""
+    side, rank, shards = plan.side, plan.rank, plan.shards
+    if not shards.agree(bool(torch.isfinite(grad).all()), grad.device):
+        message = f"non-finite gradient (NaN/Inf) at a subspace refresh of {plan.name}"
+        if group["on_nonfinite"] == "raise":
+            raise FloatingPointError(message + "; pass on_nonfinite='skip' to skip such steps instead")
+        warnings.warn(
+            message + ": skipped this step for that matrix (weights, basis and moments unchanged)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return False
+    shape, method, view_side = tuple(p.shape), group["proj_method"], shards.view_side(side)
+    if method == "svd":  # exact: on the whole gradient, as galore-torch computes it
+        full = shards.full(p.grad).to(grad.dtype)
+        if group["maximize"]:
+            full = torch.neg(full)
+        basis = shards.broadcast_(robust_svd_basis(full, rank, side, state.get("basis"),
+                                                   plan.name))
+    else:
+        seed = next_seed(int(state["seed"])) if "seed" in state else initial_seed(group["seed"], plan.seed_index)
+        state["seed"] = torch.tensor(seed, dtype=torch.int64)
+        if method == "randomized":
+            basis = randomized_refresh(group, plan, p, grad, state, seed)
+        elif method in ("random", "gaussian"):
+            draw = random_basis if method == "random" else gaussian_basis
+            basis = draw(seed, shape, rank, side, dtype=grad.dtype, device=grad.device)
+        else:
+            basis = coordinate_basis(seed, shape, rank, side, device=grad.device)
+    if group["basis_signs"] == "canonical" and method in ("svd", "randomized"):
+        canonical_signs_(basis, side)
+    fresh, previous = "basis" not in state, state.get("basis")
+    state["basis"] = basis
+    if group["stagger_refresh"]:  # matrix i of n: the first period is shortened by i/n of a gap
+        gap = group["update_proj_gap"]
+        first = gap - (plan.index * gap) // len(group["params"]) if fresh else gap
+        state["refresh_in"] = torch.tensor(first, dtype=torch.int64)
+    if fresh and group["inner"] == "adafactor":
+        return True  # its factored statistics start with its first update
+    if fresh:
+        low_shape = low_rank_shape(shape, side, rank)
+        if group["state_bits"] == 8:
+            init_8bit_moments(state, low_shape, grad.dtype, grad.device)
+        else:
+            split = view_side == "right"  # moments split like the weight when its rows project locally
+            state["exp_avg"] = shards.zeros(low_shape, split=split, dtype=grad.dtype, device=grad.device)
+            state["exp_avg_sq"] = shards.zeros(low_shape, split=split, dtype=grad.dtype, device=grad.device)
+    elif group["refresh_moments"] == "reset":
+        zero_moments_(state)
+        state["step"].zero_()
+    elif group["refresh_moments"] == "project":
+        # T from the whole bases (the same on every rank), applied to this rank's view of the
+        # moments: a transposed view (a dim-1 split) swaps the side and transposes T.
+        transition = basis_transition(previous, basis, side, shape)
+        transition = transition.T if shards.transposed else transition
+        with float_moments(state, shards.view) as (exp_avg, exp_avg_sq):
+            rotate_moments_(exp_avg, exp_avg_sq, transition.to(exp_avg.dtype), view_side)
+    return True
+
+
+def randomized_refresh(group: dict, plan: MatrixPlan, p: Tensor, grad: Tensor, state: dict, seed: int) -> Tensor:
+    """Subspace iteration on the basis' own side: a right basis of G, or of Gᵀ for a left one.
+
+    When the basis spans the view's columns (a right basis of a dim-0 split, a left basis of a
+    dim-1 split: the layouts the harness chooses) every rank iterates on its rows and only
+    sketches are all-reduced; in the crossed layouts the gradient is gathered, as for svd."""
+    side, rank, shards = plan.side, plan.rank, plan.shards
+    options = {"seed": seed, "oversample": group["oversample"], "power_iters": group["power_iters"]}
+    previous = state.get("basis")
+    if shards.view_side(side) == "right":  # the basis spans the columns every rank holds
+        view_previous = None if previous is None else (previous.T if side == "left" else previous)
+        view_basis = randomized_basis(grad, rank, previous=view_previous, reduce_=shards.all_reduce_, **options)
+        return view_basis.T.contiguous() if side == "left" else view_basis
+    full = shards.full(p.grad).to(grad.dtype)  # parameter layout
+    if group["maximize"]:
+        full = torch.neg(full)
+    if side == "right":
+        return shards.broadcast_(randomized_basis(full, rank, previous=previous, **options))
+    left_previous = None if previous is None else previous.T
+    return shards.broadcast_(randomized_basis(full.T, rank, previous=left_previous, **options).T.contiguous())
+
+
+def rotate_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, transition: Tensor, side: str) -> None:
+    """Carry the moments into a new basis (``refresh_moments="project"``), in place.
+
+    M is re-expressed exactly: M·T on the right ((m, r)·(r, r')), T·M on the left. V, a second moment
+    per coordinate, has no exact image (it would need the covariance of R); it maps through T⊙T,
+    the variance of each new coordinate if the old ones were independent: V·(T⊙T) or (T⊙T)·V. This
+    keeps V >= 0, and equals V permuted when the new basis permutes the old one (signs included)."""
+    squared = transition.square()
+    if side == "right":
+        exp_avg.copy_(exp_avg @ transition)
+        exp_avg_sq.copy_(exp_avg_sq @ squared)
+    else:
+        exp_avg.copy_(transition @ exp_avg)
+        exp_avg_sq.copy_(squared @ exp_avg_sq)
