@@ -62,7 +62,8 @@ from torch.optim import Optimizer
 
 from ..distributed import local, matrix_shards
 from .engine.adafactor import adafactor_lr, adafactor_update, init_adafactor_state, rms
-from .engine.adam import adam_denominator_, adam_step_size, adamw_, decoupled_decay
+from .engine.adam import adam_denominator_, adam_step_size, adamw_, compute_dtype, decoupled_decay, init_adamw_state
+from .engine.blocks import active_block_count, select_blocks
 from .engine.options import (
     ALIASES,
     ENGINE_OPTIONS,
@@ -80,12 +81,11 @@ from .engine.refresh import MatrixPlan, refresh_basis, rotate_moments_
 from .engine.rules import RESIDUAL_RULES, ResidualRule, roundoff_floor, state_free_lr, state_free_update_
 from .projector import (
     add_project_back_,
-    initial_seed,
     project,
     projection_side,
     subspace_rank,
 )
-from .quantized import float_moments, init_8bit_moments
+from .quantized import float_moments
 
 #: Kept importable from here for code written against the single-file engine.
 __all__ = ["ENGINE_OPTIONS", "RESIDUAL_RULES", "ResidualRule", "SubspaceAdamW", "adamw_", "compute_dtype",
@@ -98,11 +98,6 @@ _ON_CPU = {"step", "seed", "refresh_in"}
 #: The ``step`` of state allocated by torch.distributed.checkpoint's zero-gradient initialisation.
 PLACEHOLDER_STEP = -1.0
 _FLOAT32 = {"exp_avg_absmax", "exp_avg_sq_absmax"}
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half types, else the dtype itself (float64 stays float64)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def param_layout(shape: tuple[int, ...], group: dict) -> tuple[str, int]:
@@ -272,7 +267,7 @@ class SubspaceAdamW(Optimizer):
                 UserWarning,
                 stacklevel=3,
             )
-        if blocks and group["block_order"] == "mirror" and _active_block_count(group) % 2:
+        if blocks and group["block_order"] == "mirror" and active_block_count(group) % 2:
             raise ValueError(
                 "block_order='mirror' activates tensors in symmetric pairs: choose a density that makes "
                 f"round(density * {len(group['params'])}) even"
@@ -464,7 +459,7 @@ class SubspaceAdamW(Optimizer):
     def _dense_param(self, group: dict, i: int, p: Tensor) -> None:
         grad, state = self._grad(group, i, p), self.state[p]
         if not state:
-            _init_dense_state(state, p, group["state_bits"])
+            init_adamw_state(state, p, group["state_bits"])
         adamw_(p, grad, state, group)
 
     def _plan(self, group: dict, i: int, index: int, p: Tensor) -> MatrixPlan:
@@ -582,7 +577,7 @@ class SubspaceAdamW(Optimizer):
     def _block_step(self, group: dict, first_index: int) -> None:
         first_state = self.state[group["params"][0]]
         if "step" not in first_state or int(first_state["step"]) % group["update_proj_gap"] == 0:
-            self._select_blocks(group, first_index)
+            select_blocks(group, [self.state[p] for p in group["params"]], first_index)
         lr, scale = float(group["lr"]), group["scale"]
         before, after = decoupled_decay(lr, group)
         for i, p in enumerate(group["params"]):
@@ -606,38 +601,6 @@ class SubspaceAdamW(Optimizer):
                 work.mul_(after)
             if work is not weight:
                 weight.copy_(work)
-
-    def _select_blocks(self, group: dict, first_index: int) -> None:
-        """Deactivate every tensor of the group, then activate the next ``density`` fraction."""
-        params, count = group["params"], _active_block_count(group)
-        order, cursor, n = group["block_order"], group.get("block_cursor"), len(params)
-        if order == "random":
-            cursor = cursor or 0
-            generator = torch.Generator().manual_seed(initial_seed(initial_seed(group["seed"], first_index), cursor))
-            chosen = torch.randperm(n, generator=generator)[:count].tolist()
-            cursor += 1
-        elif order == "ascending":
-            start = cursor or 0
-            chosen = [(start + j) % n for j in range(count)]
-            cursor = (start + count) % n
-        elif order == "descending":
-            start = n - 1 if cursor is None else cursor
-            chosen = [(start - j) % n for j in range(count)]
-            cursor = (start - count) % n
-        else:  # mirror: pairs (i, n-1-i) walking in from both ends
-            half, start = n // 2, cursor or 0
-            chosen = [k for j in range(count // 2) for k in ((start + j) % half, n - 1 - (start + j) % half)]
-            cursor = (start + count // 2) % half
-        group["block_cursor"] = cursor
-        for p in params:
-            state = self.state[p]
-            state.clear()
-            state["step"] = torch.tensor(0.0)
-            state["active"] = torch.tensor(False)
-        for k in chosen:
-            state = self.state[params[k]]
-            _init_dense_state(state, params[k], group["state_bits"])
-            state["active"] = torch.tensor(True)
 
 
 def count_step(state: dict) -> float:
@@ -691,18 +654,5 @@ def _loaded_entry(key: str, value: Any, p: Tensor, own_dtype: bool) -> Any:
     if value.is_floating_point():
         return value.to(device=device, dtype=compute_dtype(p.dtype) if own_dtype else p.dtype)
     return value.to(device=device)
-
-
-def _init_dense_state(state: dict, p: Tensor, bits: int) -> None:
-    state.setdefault("step", torch.tensor(0.0))
-    if bits == 8:
-        init_8bit_moments(state, tuple(p.shape), compute_dtype(p.dtype), p.device)
-        return
-    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def _active_block_count(group: dict) -> int:
-    return round(len(group["params"]) * group["density"])
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ...distributed import local
-from ..quantized import moment_chunks
+from ..quantized import init_8bit_moments, moment_chunks
 
 
 def adam_denominator_(
@@ -69,3 +69,18 @@ def adamw_(param: Tensor, grad: Tensor, state: dict, group: dict, lr_scale: floa
         p.addcdiv_(exp_avg, adam_denominator_(exp_avg, exp_avg_sq, g, step, group), value=-step_size)
     if after != 1.0:
         param.mul_(after)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, else the dtype itself (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def init_adamw_state(state: dict, p: Tensor, bits: int) -> None:
+    """Zero AdamW moments for ``p`` (8-bit codes with ``bits=8``) and, when missing, a step count."""
+    state.setdefault("step", torch.tensor(0.0))
+    if bits == 8:
+        init_8bit_moments(state, tuple(p.shape), compute_dtype(p.dtype), p.device)
+        return
+    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
