@@ -38,11 +38,15 @@ class GaLoreAdafactor(SubspaceAdamW):
     """
 
     preset = {"inner": "adafactor", "residual": "none", "refresh_moments": "keep", "scale": 0.25}
+    options_in_arguments = {"eps_scale": "eps=(ε1, ε2)"}
 
     def __init__(self, params, lr: float | None = None, eps: tuple[float, float] = (1e-30, 1e-3),
                  clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
                  weight_decay: float = 0.0, scale_parameter: bool = True, relative_step: bool = True,
                  warmup_init: bool = False, **options):
+        for option, argument in self.options_in_arguments.items():
+            if option in options:
+                raise TypeError(f"GaLoreAdafactor takes {option} as {argument}; pass that instead")
         if lr is not None and relative_step:
             raise ValueError("lr and relative_step=True do not combine: pass relative_step=False to use lr")
         super().__init__(params, lr=0.0 if lr is None else lr, betas=(beta1 or 0.0, 0.0), eps=eps[0],

@@ -126,6 +126,8 @@ class SubspaceAdamW(Optimizer):
     """
 
     preset: dict[str, Any] = {}
+    #: Engine options that a preset's own arguments set, with the argument that does (not taken as options).
+    options_in_arguments: dict[str, str] = {}
 
     def __init__(
         self,

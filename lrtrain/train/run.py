@@ -5,61 +5,31 @@ a bad value fails before any training."""
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..checks import check_number
 from ..data import load_data
 from ..files import FolderInUse, FolderLock, write_errors_named
 from ..models import build_model
-from ..optim import (
-    ApolloAdamW,
-    ApolloMiniAdamW,
-    FiraAdamW,
-    FrugalAdamW,
-    GaLoreAdafactor,
-    GaLoreAdamW,
-    LayerwiseUpdates,
-    param_groups,
-)
-from ..optim.engine.options import ENGINE_OPTIONS
+from ..optim import LayerwiseUpdates
 from ..param import SSTController, conversion_summary, convert
 from .distributed import apply_fsdp2, init_distributed, local_projection_placements, wrap_ddp
 from .logger import METRICS_FILE, RUN_FILE, RunLogger
 from .loop import Trainer, TrainSettings
+from .optimizers import build_optimizer, register_optimizer_configs, without_defaults
 from .schedule import build_scheduler
 from .sweep_names import register_resolvers
 
 register_resolvers()  # configs/train.yaml names runs and sweeps through them
+register_optimizer_configs()  # configs/optimizer/*.yaml start from each optimizer's keys and defaults
 
-def adamw8bit(params, **kwargs) -> torch.optim.Optimizer:
-    """bitsandbytes' AdamW8bit (imported when a config names it)."""
-    import bitsandbytes as bnb
-
-    return bnb.optim.AdamW8bit(params, **kwargs)
-
-
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adamw": torch.optim.AdamW,
-    "adamw8bit": adamw8bit,
-    "galore": GaLoreAdamW,
-    "fira": FiraAdamW,
-    "frugal": FrugalAdamW,
-    "apollo": ApolloAdamW,
-    "apollo_mini": ApolloMiniAdamW,
-    "galore_adafactor": GaLoreAdafactor,
-}
-CONSTRUCTOR_KEYS = ("lr", "betas", "eps", "weight_decay")
-#: The keys :func:`lrtrain.optim.param_groups` takes itself (which layers, their rank and refresh settings).
-PARAM_GROUP_KEYS = frozenset(inspect.signature(param_groups).parameters) - {"model", "more_group_keys"}
 #: Keys of the sst parameterization config that drive its controller rather than its layers.
 SST_CONTROLLER_KEYS = ("sample_every", "iterations_per_round")
 #: Settings that change how a run is watched, not what it computes: they may differ on resume.
@@ -70,56 +40,15 @@ RUN_ARTIFACTS = ("checkpoints", METRICS_FILE, RUN_FILE, "wandb")
 REPLACED_DIR = ".replaced"
 
 
-def _check_constructor_values(kwargs: Mapping[str, Any]) -> None:
-    """The constructor arguments a config gives, checked before any optimizer sees them."""
-    for key in ("lr", "weight_decay"):
-        if key in kwargs and not (key == "lr" and kwargs[key] is None):  # lr null: Adafactor's relative step
-            check_number(f"optimizer.{key}", kwargs[key], low=0)
-    eps = kwargs.get("eps", 0.0)  # one number, or Adafactor's pair
-    for value in eps if isinstance(eps, Sequence) and not isinstance(eps, str) else [eps]:
-        check_number("optimizer.eps", value, low=0)
-    if "betas" in kwargs:
-        betas = kwargs["betas"]
-        if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
-            raise ValueError(f"optimizer.betas must be a pair [beta1, beta2]; got {betas!r}")
-        for beta in betas:
-            check_number("optimizer.betas", beta, low=0)
-
-
-def build_optimizer(spec: Mapping[str, Any], model: nn.Module) -> torch.optim.Optimizer:
-    """An optimizer from a config such as ``configs/optimizer/galore.yaml``: ``name``, the
-    constructor's ``lr``/``betas``/``eps``/``weight_decay``, and for the subspace optimizers
-    ``target_modules`` and the param-group keys of :func:`lrtrain.optim.param_groups` (``rank``,
-    ``update_proj_gap``, ``scale``, ...), and the engine's options (``state_bits``, ``adam_style``, ...),
-    which apply to every group."""
-    spec = dict(spec)
-    name = spec.pop("name")
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer.name must be one of {', '.join(OPTIMIZERS)}; got {name!r}")
-    kwargs = {key: spec.pop(key) for key in CONSTRUCTOR_KEYS if key in spec}
-    _check_constructor_values(kwargs)
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
-    if name in ("adamw", "adamw8bit"):
-        if spec:
-            raise ValueError(f"optimizer keys {sorted(spec)} do not apply to {name}")
-        return OPTIMIZERS[name](model.parameters(), **kwargs)
-    # The optimizer's own arguments (GaLoreAdafactor's beta1, ...) and the engine's options go to its
-    # constructor, so they hold for every group, the plain one (embeddings, head, norms) included;
-    # param_groups' keys and any other key go to the subspace group (where a near-certain typo is refused).
-    own = set(inspect.signature(OPTIMIZERS[name]).parameters) - {"params", "options"}
-    wide = [key for key in spec if key in own or (key in ENGINE_OPTIONS and key not in PARAM_GROUP_KEYS)]
-    kwargs.update({key: spec.pop(key) for key in wide})
-    return OPTIMIZERS[name](param_groups(model, **spec), **kwargs)
-
-
 def fingerprint(config: Mapping[str, Any], world_size: int = 1) -> str:
     """A hash of what determines a run's numbers: everything but logging, cadence, resume and how
     the processes share the work (so a run may resume at another world size with the same global
-    batch, and from DDP to FSDP2)."""
+    batch, and from DDP to FSDP2). Optimizer keys at their default count as left out, so writing a
+    default out, or a new option arriving at its default, keeps the fingerprint."""
     ignored = ("logger", "run_name", "sweep_name", "output_root", "distributed")
     relevant = {k: v for k, v in config.items() if k not in ignored}
     relevant["train"] = {k: v for k, v in config["train"].items() if k not in _NOT_FINGERPRINTED}
+    relevant["optimizer"] = without_defaults(config["optimizer"])
     relevant["train"]["batch_size"] = config["train"]["batch_size"] * world_size  # the global batch
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
