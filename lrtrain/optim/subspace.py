@@ -78,7 +78,14 @@ from .engine.options import (
     validate_options,
 )
 from .engine.refresh import MatrixPlan, refresh_basis, rotate_moments_
-from .engine.rules import RESIDUAL_RULES, ResidualRule, roundoff_floor, state_free_lr, state_free_update_
+from .engine.rules import (
+    RESIDUAL_RULES,
+    ResidualRule,
+    SubspaceStep,
+    roundoff_floor,
+    state_free_lr,
+    state_free_update_,
+)
 from .projector import (
     add_project_back_,
     project,
@@ -88,9 +95,9 @@ from .projector import (
 from .quantized import float_moments
 
 #: Kept importable from here for code written against the single-file engine.
-__all__ = ["ENGINE_OPTIONS", "RESIDUAL_RULES", "ResidualRule", "SubspaceAdamW", "adamw_", "compute_dtype",
-           "is_projected", "param_layout", "refresh_due", "roundoff_floor", "rotate_moments_", "state_free_lr",
-           "validate_options"]
+__all__ = ["ENGINE_OPTIONS", "RESIDUAL_RULES", "ResidualRule", "SubspaceAdamW", "SubspaceStep", "adamw_",
+           "compute_dtype", "is_projected", "param_layout", "refresh_due", "roundoff_floor", "rotate_moments_",
+           "state_free_lr", "validate_options"]
 
 
 #: State entries kept on the CPU, and those stored in float32 whatever the weights (8-bit block scales).
@@ -540,8 +547,8 @@ class SubspaceAdamW(Optimizer):
             direction = torch.div(exp_avg, denom, out=denom)
         weight = shards.view(p)
         work = weight if weight.dtype == grad.dtype else weight.to(grad.dtype)
-        self._write_update(group, work, grad, low, direction, basis, state, side, lr,
-                           adam_step_size(lr, step, group), shards)
+        self._write_update(group, work, SubspaceStep(grad, basis, side, low, direction, lr,
+                                                      adam_step_size(lr, step, group), shards.all_reduce_), state)
         if work is not weight:
             weight.copy_(work)
 
@@ -563,13 +570,12 @@ class SubspaceAdamW(Optimizer):
         return True
 
     @staticmethod
-    def _write_update(group, weight, grad, low, direction, basis, state, side, lr, step_size, shards) -> None:
+    def _write_update(group: dict, weight: Tensor, step: SubspaceStep, state: dict) -> None:
         """W ← W - s·scale·back(N) - residual term, with decoupled decay before or after."""
-        before, after = decoupled_decay(lr, group)
+        before, after = decoupled_decay(step.lr, group)
         if before != 1.0:
             weight.mul_(before)
-        RESIDUAL_RULES[group["residual"]].update_(weight, grad, low, direction, basis, side=side, step_size=step_size,
-                                                  lr=lr, group=group, state=state, reduce_=shards.all_reduce_)
+        RESIDUAL_RULES[group["residual"]].update_(weight, step, group, state)
         if after != 1.0:
             weight.mul_(after)
 
@@ -597,8 +603,8 @@ class SubspaceAdamW(Optimizer):
             if before != 1.0:
                 work.mul_(before)
             if group["residual"] != "none":
-                state_free_update_(work, local(grad).to(work.dtype), None, None, "right", group["residual"],
-                                   state_free_lr(lr, group))
+                state_free_update_(work, local(grad).to(work.dtype), None, None, side="right",
+                                   rule=group["residual"], lr=state_free_lr(lr, group))
             if after != 1.0:
                 work.mul_(after)
             if work is not weight:
@@ -636,8 +642,8 @@ def _fused_update(group: dict, weight: Tensor, grad: Tensor, basis: Tensor, stat
     direction, low = project_adam(grad, basis, side, state["exp_avg"], state["exp_avg_sq"], beta1=beta1, beta2=beta2,
                                   eps=group["eps"], denom_scale=1.0 / math.sqrt(1.0 - beta2**step) if unbiased else 1.0,
                                   return_low=rule.reads_low)
-    step_size = adam_step_size(lr, step, group)
-    args = rule.kernel(grad, low, direction, side=side, step_size=step_size, lr=lr, group=group, state=state)
+    args = rule.kernel(SubspaceStep(grad, basis, side, low, direction, lr, adam_step_size(lr, step, group)),
+                       group, state)
     # W ← keep·W - alpha·(...): the decay's factor, which also scales the update when it comes after it
     before, after = decoupled_decay(lr, group)
     args["alpha"], args["gamma"] = args["alpha"] * after, args["gamma"] * after

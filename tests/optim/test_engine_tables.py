@@ -16,12 +16,12 @@ from lrtrain.optim.subspace import RESIDUAL_RULES, ResidualRule, state_free_lr
 from tests.conftest import TinyLM, train_lm
 
 
-def _half_sgd_update_(weight, grad, low, direction, basis, *, side, step_size, lr, group, state, reduce_):
+def _half_sgd_update_(weight, step, group, state):
     """A toy rule: GaLore's update plus half of FRUGAL's SGD step on the residual G - back(R)."""
-    add_project_back_(weight, direction, basis, side, alpha=-step_size * group["scale"])
-    half = state_free_lr(lr, group) * 0.5
-    weight.add_(grad, alpha=-half)
-    add_project_back_(weight, low, basis, side, alpha=half)
+    add_project_back_(weight, step.direction, step.basis, step.side, alpha=-step.step_size * group["scale"])
+    half = state_free_lr(step.lr, group) * 0.5
+    weight.add_(step.grad, alpha=-half)
+    add_project_back_(weight, step.low, step.basis, step.side, alpha=half)
 
 
 @pytest.fixture

@@ -26,8 +26,8 @@ def per_row_or_column(coef: Tensor, side: str) -> Tensor:
 
 
 def fira_update_(
-    weight: Tensor, grad: Tensor, low: Tensor, direction: Tensor, basis: Tensor, side: str,
-    step_size: float, scale: float, state: dict, gamma: float | None, reduce_: Callable[[Tensor], Tensor],
+    weight: Tensor, grad: Tensor, low: Tensor, direction: Tensor, basis: Tensor, *, side: str, step_size: float,
+    scale: float, gamma: float | None, state: dict, reduce_: Callable[[Tensor], Tensor],
 ) -> None:
     """W ← W - s·(scale·back(N) + ℓ⁻¹·φ⊙(G - scale·back(R))), without a full-size temporary.
 
@@ -38,14 +38,14 @@ def fira_update_(
     ``grad`` and ``weight`` may be this rank's rows of a row-split matrix: ``reduce_`` sums over
     the ranks (the squared norms of G's columns on the left; the squared norm of S on the right).
     """
-    coef = fira_coefficients(grad, low, direction, side, scale, state, gamma, reduce_)
+    coef = fira_coefficients(grad, low, direction, side=side, scale=scale, gamma=gamma, state=state, reduce_=reduce_)
     coef = per_row_or_column(coef, side)
     add_project_back_(weight, (direction - coef * low).mul_(scale), basis, side, alpha=-step_size)
     weight.addcmul_(coef, grad, value=-step_size)
 
 
 def fira_coefficients(
-    grad: Tensor, low: Tensor, direction: Tensor, side: str, scale: float, state: dict, gamma: float | None,
+    grad: Tensor, low: Tensor, direction: Tensor, *, side: str, scale: float, gamma: float | None, state: dict,
     reduce_: Callable[[Tensor], Tensor],
 ) -> Tensor:
     """Fira's c = φ/ℓ: per row of G (m,) on the right, per column (n,) on the left; updates the
@@ -59,10 +59,10 @@ def fira_coefficients(
     residual_sq.sub_(low.square().sum(dim=dim), alpha=2.0 * scale - scale * scale).clamp_(min=0.0)
     residual_sq_total = (phi.square() * residual_sq).sum()
     residual_norm = (reduce_(residual_sq_total) if side == "right" else residual_sq_total).sqrt()
-    return norm_growth_limit(phi, residual_norm, state, gamma)
+    return norm_growth_limit(phi, residual_norm, gamma=gamma, state=state)
 
 
-def norm_growth_limit(phi: Tensor, norm: Tensor, state: dict, gamma: float | None) -> Tensor:
+def norm_growth_limit(phi: Tensor, norm: Tensor, *, gamma: float | None, state: dict) -> Tensor:
     """Fira's norm-growth limiter: φ/ℓ with ℓ = max(‖S‖/‖S_prev‖, γ)/γ, ``norm`` = ‖S‖ of the update
     φ scales; keeps ‖S‖/ℓ in ``state["limiter_norm"]`` (0-d) for the next step. No limit with γ None."""
     if gamma is not None and "limiter_norm" in state:
@@ -73,7 +73,7 @@ def norm_growth_limit(phi: Tensor, norm: Tensor, state: dict, gamma: float | Non
 
 
 def apollo_coefficients(
-    grad: Tensor, low: Tensor, direction: Tensor, side: str, scale_type: str, state: dict, gamma: float | None,
+    grad: Tensor, low: Tensor, direction: Tensor, *, side: str, scale_type: str, gamma: float | None, state: dict,
     reduce_: Callable[[Tensor], Tensor],
 ) -> Tensor:
     """APOLLO's c = φ/ℓ: φ = ‖N‖/(‖R‖+1e-8) per row of G (m,) on the right, per column (n,) on the
@@ -94,7 +94,7 @@ def apollo_coefficients(
         phi = squares[0].sqrt() / (squares[1].sqrt() + 1e-8)
         update_sq = phi.square() * squares[2]
     update_norm = (reduce_(update_sq) if side == "right" and scale_type == "channel" else update_sq).sqrt()
-    return norm_growth_limit(phi, update_norm, state, gamma)
+    return norm_growth_limit(phi, update_norm, gamma=gamma, state=state)
 
 
 #: Residual entries within this many float ulps of the gradient's norm along the projected dimension
@@ -111,7 +111,7 @@ def roundoff_floor(grad: Tensor, side: str) -> Tensor:
 
 
 def state_free_update_(
-    weight: Tensor, grad: Tensor, low: Tensor | None, basis: Tensor | None, side: str, rule: str, lr: float
+    weight: Tensor, grad: Tensor, low: Tensor | None, basis: Tensor | None, *, side: str, rule: str, lr: float
 ) -> None:
     """W ← W - lr·rule(G - back(R)) for ``rule`` in sign_sgd | sgd (G itself when ``basis`` is None);
     sign-SGD treats residual entries at round-off level (:func:`roundoff_floor`) as 0."""
@@ -128,56 +128,74 @@ def state_free_update_(
 
 
 @dataclass(frozen=True)
+class SubspaceStep:
+    """What step 4 of the module docstring reads for one matrix, once Adam has run in its subspace:
+    ``grad`` G (this rank's rows, (m, n)), the ``basis`` P and the ``side`` it projects, ``low`` R = down(G)
+    and ``direction`` N = M/(√V+ε) ((r, n) on the right, (m, r) on the left), Adam's step size
+    ``step_size`` s = lr·√(1-β2ᵗ)/(1-β1ᵗ) (or its torch form), ``lr`` itself, and ``reduce_``, which sums a
+    tensor over the ranks that split G's rows (the identity in one process and in the fused path)."""
+
+    grad: Tensor
+    basis: Tensor
+    side: str
+    low: Tensor
+    direction: Tensor
+    lr: float
+    step_size: float
+    reduce_: Callable[[Tensor], Tensor] = identity
+
+
+@dataclass(frozen=True)
 class ResidualRule:
     """One ``residual`` rule: step 4 of the module docstring (the update beyond Adam's moments), in its
     torch form and as the fused kernel's arguments, side by side, so that the two cannot drift apart.
 
-    ``update_(weight, grad, low, direction, basis, side=, step_size=, lr=, group=, state=, reduce_=)``
-    writes W ← W - (update) in place (decay excluded); ``kernel(grad, low, direction, side=, step_size=,
-    lr=, group=, state=)`` gives :func:`lrtrain.kernels.subspace_adam.project_back_update_`'s
-    ``direction``, ``alpha``, ``residual``, ``gamma`` (and ``coef``/``low``) for the same update, or
-    the rule has ``kernel=None`` and runs on the torch path only. ``reads_low``: R is read after the
-    moment update (otherwise N may take R's memory); ``orthonormal``: G - back(R) needs an
-    orthonormal basis (APOLLO's Gaussian one is not)."""
+    ``update_(weight, step, group, state)`` writes W ← W - (update) in place (decay excluded) from a
+    :class:`SubspaceStep`; ``kernel(step, group, state)`` gives
+    :func:`lrtrain.kernels.subspace_adam.project_back_update_`'s ``direction``, ``alpha``, ``residual``,
+    ``gamma`` (and ``coef``/``low``) for the same update, or the rule has ``kernel=None`` and runs on the
+    torch path only. ``reads_low``: R is read after the moment update (otherwise N may take R's memory);
+    ``orthonormal``: G - back(R) needs an orthonormal basis (APOLLO's Gaussian one is not)."""
 
-    update_: Callable[..., None]
-    kernel: Callable[..., dict] | None
+    update_: Callable[[Tensor, SubspaceStep, dict, dict], None]
+    kernel: Callable[[SubspaceStep, dict, dict], dict] | None
     reads_low: bool = True
     orthonormal: bool = True
 
 
-def _galore_update_(weight, grad, low, direction, basis, *, side, step_size, lr, group, state, reduce_) -> None:
-    add_project_back_(weight, direction, basis, side, alpha=-step_size * group["scale"])
+def _galore_update_(weight: Tensor, step: SubspaceStep, group: dict, state: dict) -> None:
+    add_project_back_(weight, step.direction, step.basis, step.side, alpha=-step.step_size * group["scale"])
 
 
-def _fira_update_(weight, grad, low, direction, basis, *, side, step_size, lr, group, state, reduce_) -> None:
-    fira_update_(weight, grad, low, direction, basis, side, step_size, group["scale"], state,
-                 group["limiter_gamma"], reduce_)
+def _fira_update_(weight: Tensor, step: SubspaceStep, group: dict, state: dict) -> None:
+    fira_update_(weight, step.grad, step.low, step.direction, step.basis, side=step.side, step_size=step.step_size,
+                 scale=group["scale"], gamma=group["limiter_gamma"], state=state, reduce_=step.reduce_)
 
 
-def _apollo_update_(weight, grad, low, direction, basis, *, side, step_size, lr, group, state, reduce_) -> None:
-    coef = apollo_coefficients(grad, low, direction, side, group["scale_type"], state, group["limiter_gamma"],
-                               reduce_)
-    weight.addcmul_(per_row_or_column(coef, side), grad, value=-step_size * math.sqrt(group["scale"]))
+def _apollo_update_(weight: Tensor, step: SubspaceStep, group: dict, state: dict) -> None:
+    coef = apollo_coefficients(step.grad, step.low, step.direction, side=step.side, scale_type=group["scale_type"],
+                               gamma=group["limiter_gamma"], state=state, reduce_=step.reduce_)
+    weight.addcmul_(per_row_or_column(coef, step.side), step.grad, value=-step.step_size * math.sqrt(group["scale"]))
 
 
-def _state_free_update_(weight, grad, low, direction, basis, *, side, step_size, lr, group, state, reduce_) -> None:
-    _galore_update_(weight, grad, low, direction, basis, side=side, step_size=step_size, lr=lr, group=group,
-                    state=state, reduce_=reduce_)
-    state_free_update_(weight, grad, low, basis, side, group["residual"], state_free_lr(lr, group))
+def _state_free_update_(weight: Tensor, step: SubspaceStep, group: dict, state: dict) -> None:
+    _galore_update_(weight, step, group, state)
+    state_free_update_(weight, step.grad, step.low, step.basis, side=step.side, rule=group["residual"],
+                       lr=state_free_lr(step.lr, group))
 
 
-def _fira_kernel(grad, low, direction, *, side, step_size, lr, group, state) -> dict:
-    coef = fira_coefficients(grad, low, direction, side, group["scale"], state, group["limiter_gamma"], identity)
-    direction = (direction - per_row_or_column(coef, side) * low).mul_(group["scale"])
-    return dict(direction=direction, alpha=step_size, residual="fira", gamma=step_size, coef=coef)
+def _fira_kernel(step: SubspaceStep, group: dict, state: dict) -> dict:
+    coef = fira_coefficients(step.grad, step.low, step.direction, side=step.side, scale=group["scale"],
+                             gamma=group["limiter_gamma"], state=state, reduce_=identity)
+    direction = (step.direction - per_row_or_column(coef, step.side) * step.low).mul_(group["scale"])
+    return dict(direction=direction, alpha=step.step_size, residual="fira", gamma=step.step_size, coef=coef)
 
 
-def _state_free_kernel(grad, low, direction, *, side, step_size, lr, group, state) -> dict:
+def _state_free_kernel(step: SubspaceStep, group: dict, state: dict) -> dict:
     rule = group["residual"]
-    floor = roundoff_floor(grad.float(), side).flatten() if rule == "sign_sgd" else None
-    return dict(direction=direction, alpha=step_size * group["scale"], residual=rule,
-                gamma=state_free_lr(lr, group), low=low, coef=floor)
+    floor = roundoff_floor(step.grad.float(), step.side).flatten() if rule == "sign_sgd" else None
+    return dict(direction=step.direction, alpha=step.step_size * group["scale"], residual=rule,
+                gamma=state_free_lr(step.lr, group), low=step.low, coef=floor)
 
 
 #: ``residual`` → its rule. A new rule is one entry here (and, to run fused, a kernel code).
