@@ -63,7 +63,7 @@ from torch.optim import Optimizer
 from ..distributed import local, matrix_shards
 from .engine.adafactor import adafactor_lr, adafactor_update, init_adafactor_state, rms
 from .engine.adam import adam_denominator_, adam_step_size, adamw_, compute_dtype, decoupled_decay, init_adamw_state
-from .engine.blocks import active_block_count, select_blocks
+from .engine.blocks import select_blocks
 from .engine.options import (
     ALIASES,
     ENGINE_OPTIONS,
@@ -208,7 +208,6 @@ class SubspaceAdamW(Optimizer):
         group = self.param_groups[-1]
         try:
             validate_options(group)
-            self._validate_sharding(group)
             for i, p in enumerate(group["params"]):
                 if p.is_complex():
                     raise TypeError(f"{self._param_name(group, i)} is {p.dtype}: lrtrain's optimizers take real "
@@ -237,20 +236,9 @@ class SubspaceAdamW(Optimizer):
             return [p for _, p in params]
         return params
 
-    def _validate_sharding(self, group: dict) -> None:
-        """What sharded (FSDP2) parameters cannot take: 8-bit state, Adafactor's factored statistics."""
-        if not any(isinstance(p, DTensor) for p in group["params"]):
-            return
-        if group["state_bits"] == 8:
-            raise ValueError(
-                "state_bits=8 with sharded (FSDP2) parameters: the block scales would depend on how the tensor is "
-                "split, so checkpoints could not reshard; use state_bits=32 with FSDP2, or DDP"
-            )
-        if group["inner"] == "adafactor":
-            raise ValueError("inner='adafactor' (GaLoreAdafactor) with sharded (FSDP2) parameters: its row and column "
-                             "statistics span the whole matrix; use DDP, or GaLoreAdamW with FSDP2")
-
     def _validate_projected_params(self, group: dict) -> None:
+        """What each tensor of a subspace group must be (real floating point; 2-D unless in blocks), and a
+        warning for the tensors whose min(m, n) is below the rank. Option combinations: ``COMBINATIONS``."""
         blocks = group["proj_method"] == "blocks"
         clamped = []
         for i, p in enumerate(group["params"]):
@@ -275,11 +263,6 @@ class SubspaceAdamW(Optimizer):
                 f"{', ...' if len(clamped) > 3 else ''}); those use rank min(m, n).",
                 UserWarning,
                 stacklevel=3,
-            )
-        if blocks and group["block_order"] == "mirror" and active_block_count(group) % 2:
-            raise ValueError(
-                "block_order='mirror' activates tensors in symmetric pairs: choose a density that makes "
-                f"round(density * {len(group['params'])}) even"
             )
 
     def _param_name(self, group: dict, index: int) -> str:

@@ -8,8 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
+from torch.distributed.tensor import DTensor
+
 from ...checks import is_int, is_number
 from ..projector import PROJ_METHODS, PROJ_TYPES
+from .blocks import active_block_count
 from .rules import RESIDUAL_RULES
 
 GROUP_METHODS = (*PROJ_METHODS, "blocks")
@@ -181,8 +184,9 @@ def validate_options(group: dict) -> None:
 
 
 class Combination(NamedTuple):
-    """An option combination the engine refuses: ``refused(group)`` says whether a group has it,
-    ``message(group)`` why and what to use instead; ``subspace`` ones apply to subspace groups only."""
+    """An option combination the engine refuses: ``refused(group)`` says whether a group has it (its
+    options, and for some its tensors: sharded, how many), ``message(group)`` why and what to use instead;
+    ``subspace`` ones apply to subspace groups only."""
 
     refused: Callable[[dict], bool]
     message: Callable[[dict], str]
@@ -195,6 +199,11 @@ def _adafactor_runs_with(key: str, allowed: Any) -> Combination:
 
     return Combination(lambda g: g["inner"] == "adafactor" and value(g) != allowed,
                        lambda g: f"inner='adafactor' (GaLoreAdafactor) runs with {key}={allowed!r}; got {value(g)!r}")
+
+
+def _sharded(group: dict) -> bool:
+    """Whether the group holds FSDP2-sharded parameters (DTensors); the defaults hold none."""
+    return any(isinstance(p, DTensor) for p in group.get("params", ()))
 
 
 #: Every option combination the engine refuses, in one table, checked in this order.
@@ -220,9 +229,19 @@ COMBINATIONS: tuple[Combination, ...] = (
                 lambda g: f"fused=True covers 32-bit moments, float bases and the GaLore, Fira and FRUGAL rules; "
                           f"this group has state_bits={g['state_bits']}, proj_method={g['proj_method']!r}, "
                           f"residual={g['residual']!r}, inner={g['inner']!r}: use fused=None or False"),
+    Combination(lambda g: _sharded(g) and g["state_bits"] == 8,
+                lambda g: "state_bits=8 with sharded (FSDP2) parameters: the block scales would depend on how the "
+                          "tensor is split, so checkpoints could not reshard; use state_bits=32 with FSDP2, or DDP"),
+    Combination(lambda g: _sharded(g) and g["inner"] == "adafactor",
+                lambda g: "inner='adafactor' (GaLoreAdafactor) with sharded (FSDP2) parameters: its row and column "
+                          "statistics span the whole matrix; use DDP, or GaLoreAdamW with FSDP2"),
     Combination(lambda g: g["proj_method"] == "blocks" and g["residual"] == "fira",
                 lambda g: "residual='fira' needs a subspace; with proj_method='blocks' use 'sign_sgd', 'sgd' or "
                           "'none'", subspace=True),
+    Combination(lambda g: g["proj_method"] == "blocks" and g["block_order"] == "mirror"
+                and active_block_count(g) % 2 == 1,
+                lambda g: "block_order='mirror' activates tensors in symmetric pairs: choose a density that makes "
+                          f"round(density * {len(g['params'])}) even", subspace=True),
 )
 
 
