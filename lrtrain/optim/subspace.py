@@ -49,7 +49,6 @@ parameter dtype, and the subspace state is kept in that dtype, also across ``loa
 from __future__ import annotations
 
 import difflib
-import math
 import os
 import warnings
 from collections.abc import Iterable
@@ -61,8 +60,17 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from ..distributed import local, matrix_shards
-from .engine.adafactor import adafactor_lr, adafactor_update, init_adafactor_state, rms
-from .engine.adam import adam_denominator_, adam_step_size, adamw_, compute_dtype, decoupled_decay, init_adamw_state
+from .engine.adafactor import AdafactorSettings, adafactor_lr, adafactor_update, init_adafactor_state, rms
+from .engine.adam import (
+    AdamSettings,
+    adam_denominator_,
+    adam_step_size,
+    adamw_,
+    compute_dtype,
+    decoupled_decay,
+    init_adamw_state,
+    second_moment_divisor,
+)
 from .engine.blocks import select_blocks
 from .engine.options import (
     ALIASES,
@@ -452,7 +460,7 @@ class SubspaceAdamW(Optimizer):
         grad, state = self._grad(group, i, p), self.state[p]
         if not state:
             init_adamw_state(state, p, group["state_bits"])
-        adamw_(p, grad, state, group)
+        adamw_(p, grad, state, lr=float(group["lr"]), adam=AdamSettings.of(group))
 
     def _plan(self, group: dict, i: int, index: int, p: Tensor) -> MatrixPlan:
         """What this step knows of subspace matrix ``p`` (``i``: its position in ``group``; ``index``: in
@@ -487,8 +495,9 @@ class SubspaceAdamW(Optimizer):
             init_adafactor_state(state, low, use_first_moment=group["first_moment"])
         step = count_step(state)
         work = p if p.dtype == grad.dtype else p.to(grad.dtype)
-        lr = adafactor_lr(group, step, rms(work))
-        update = adafactor_update(low, state, group, step, lr)
+        adafactor = AdafactorSettings.of(group)
+        lr = adafactor_lr(step, rms(work), adafactor=adafactor)
+        update = adafactor_update(low, state, step, lr, adafactor=adafactor)
         if group["weight_decay"]:
             work.mul_(1.0 - lr * group["weight_decay"])
         if projected:
@@ -518,6 +527,7 @@ class SubspaceAdamW(Optimizer):
         if fused:
             _fused_update(group, p, grad, basis, state, side, lr, step)
             return
+        adam = AdamSettings.of(group)
         low = project(grad, basis, side)
         if "low_rank_grad" in state:  # earlier micro-batches, folded in by accumulate_low_rank_
             low.add_(state.pop("low_rank_grad"))
@@ -526,12 +536,12 @@ class SubspaceAdamW(Optimizer):
         # GaLore's rule never reads R again, so the denominator (and N) can take its memory.
         reuse = None if RESIDUAL_RULES[group["residual"]].reads_low else low
         with float_moments(state, shards.view) as (exp_avg, exp_avg_sq):
-            denom = adam_denominator_(exp_avg, exp_avg_sq, low, step, group, out=reuse)
+            denom = adam_denominator_(exp_avg, exp_avg_sq, low, step, adam=adam, out=reuse)
             direction = torch.div(exp_avg, denom, out=denom)
         weight = shards.view(p)
         work = weight if weight.dtype == grad.dtype else weight.to(grad.dtype)
         self._write_update(group, work, SubspaceStep(grad, basis, side, low, direction, lr,
-                                                      adam_step_size(lr, step, group), shards.all_reduce_), state)
+                                                      adam_step_size(lr, step, adam=adam), shards.all_reduce_), state)
         if work is not weight:
             weight.copy_(work)
 
@@ -555,7 +565,7 @@ class SubspaceAdamW(Optimizer):
     @staticmethod
     def _write_update(group: dict, weight: Tensor, step: SubspaceStep, state: dict) -> None:
         """W ← W - s·scale·back(N) - residual term, with decoupled decay before or after."""
-        before, after = decoupled_decay(step.lr, group)
+        before, after = decoupled_decay(step.lr, adam=AdamSettings.of(group))
         if before != 1.0:
             weight.mul_(before)
         RESIDUAL_RULES[group["residual"]].update_(weight, step, group, state)
@@ -570,13 +580,14 @@ class SubspaceAdamW(Optimizer):
         if "step" not in first_state or int(first_state["step"]) % group["update_proj_gap"] == 0:
             select_blocks(group, [self.state[p] for p in group["params"]], first_index)
         lr, scale = float(group["lr"]), group["scale"]
-        before, after = decoupled_decay(lr, group)
+        adam = AdamSettings.of(group)
+        before, after = decoupled_decay(lr, adam=adam)
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             grad, state = self._grad(group, i, p), self.state[p]
             if bool(state["active"]):
-                adamw_(p, grad, state, group, lr_scale=scale)
+                adamw_(p, grad, state, lr=lr, adam=adam, lr_scale=scale)
                 continue
             state["step"].add_(1.0)
             if group["residual"] == "none" and before * after == 1.0:
@@ -619,16 +630,14 @@ def _fused_update(group: dict, weight: Tensor, grad: Tensor, basis: Tensor, stat
     the decay, written into ``weight`` in its own dtype."""
     from ..kernels.subspace_adam import project_adam, project_back_update_
 
-    beta1, beta2 = group["betas"]
-    rule = RESIDUAL_RULES[group["residual"]]
-    unbiased = group["adam_style"] == "torch" and group["correct_bias"]
-    direction, low = project_adam(grad, basis, side, state["exp_avg"], state["exp_avg_sq"], beta1=beta1, beta2=beta2,
-                                  eps=group["eps"], denom_scale=1.0 / math.sqrt(1.0 - beta2**step) if unbiased else 1.0,
-                                  return_low=rule.reads_low)
-    args = rule.kernel(SubspaceStep(grad, basis, side, low, direction, lr, adam_step_size(lr, step, group)),
+    adam, rule = AdamSettings.of(group), RESIDUAL_RULES[group["residual"]]
+    direction, low = project_adam(grad, basis, side, state["exp_avg"], state["exp_avg_sq"], beta1=adam.beta1,
+                                  beta2=adam.beta2, eps=adam.eps,
+                                  denom_scale=1.0 / second_moment_divisor(step, adam=adam), return_low=rule.reads_low)
+    args = rule.kernel(SubspaceStep(grad, basis, side, low, direction, lr, adam_step_size(lr, step, adam=adam)),
                        group, state)
     # W ← keep·W - alpha·(...): the decay's factor, which also scales the update when it comes after it
-    before, after = decoupled_decay(lr, group)
+    before, after = decoupled_decay(lr, adam=adam)
     args["alpha"], args["gamma"] = args["alpha"] * after, args["gamma"] * after
     project_back_update_(weight, basis=basis, side=side, keep=before * after, grad=grad, **args)
 
