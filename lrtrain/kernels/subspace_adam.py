@@ -57,12 +57,12 @@ def _project_adam_kernel(
         acc += tl.dot(a, b, input_precision="ieee")
     offsets = rows[:, None] * stride_cm + cols[None, :] * stride_cn
     mask = (rows[:, None] < M) & (cols[None, :] < N)
-    m = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0)
-    v = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0)
+    m = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     m = m + (1.0 - beta1) * (acc - m)  # torch's lerp_
     v = v * beta2 + (1.0 - beta2) * acc * acc
-    tl.store(exp_avg_ptr + offsets, m, mask=mask)
-    tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
+    tl.store(exp_avg_ptr + offsets, m.to(exp_avg_ptr.dtype.element_ty), mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
     tl.store(direction_ptr + offsets, m / (tl.sqrt(v) * denom_scale + eps), mask=mask)
     if STORE_LOW:
         tl.store(low_ptr + offsets, acc, mask=mask)
@@ -124,15 +124,16 @@ def project_adam(grad: Tensor, basis: Tensor, side: str, exp_avg: Tensor, exp_av
                  return_low: bool = False) -> tuple[Tensor, Tensor | None]:
     """Project ``grad`` (m, n) onto ``basis`` and take the Adam moment update in the same pass.
 
-    ``exp_avg``/``exp_avg_sq`` (float32, contiguous, the low-rank shape) are updated in place.
-    Returns N = M / (√V·denom_scale + ε) and, with ``return_low``, R (float32, the low-rank shape).
+    ``exp_avg``/``exp_avg_sq`` (float32 or bfloat16 storage, contiguous, the low-rank shape) are updated in
+    place, in float32. Returns N = M / (√V·denom_scale + ε), from the float32 moments before they are
+    stored, and, with ``return_low``, R (float32, the low-rank shape).
     """
     a, b = (grad, basis.T) if side == "right" else (basis.T, grad)
     rows, cols = a.shape[0], b.shape[1]
     if exp_avg.shape != (rows, cols) or not (exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()):
         raise ValueError(f"moments must be contiguous {(rows, cols)} tensors; got {tuple(exp_avg.shape)}")
-    direction = torch.empty_like(exp_avg)
-    low = torch.empty_like(exp_avg) if return_low else direction
+    direction = torch.empty(exp_avg.shape, dtype=torch.float32, device=exp_avg.device)
+    low = torch.empty_like(direction) if return_low else direction
     blocks = _blocks(grad.device)
     grid = (triton.cdiv(rows, blocks["BLOCK_M"]), triton.cdiv(cols, blocks["BLOCK_N"]))
     _project_adam_kernel[grid](

@@ -11,11 +11,12 @@ class GaLoreAdamW(SubspaceAdamW):
 
     Defaults are galore-torch's (transformers-style AdamW: ``eps=1e-6``, ε outside the bias
     correction, decay after the update; exact fp32 SVD refreshed at steps 0, T, 2T, ...; moments
-    kept across refreshes) with ``scale=0.25`` and ``update_proj_gap=200`` as in the paper.
+    kept across refreshes; the moments and the basis stored in the parameter's dtype) with ``scale=0.25`` and
+    ``update_proj_gap=200`` as in the paper.
     Group keys follow galore-torch and HF: ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``;
     lrtrain's own keys (``proj_method``, ``refresh_moments``, ...) are listed in
-    :class:`~lrtrain.optim.SubspaceAdamW`. Differences from galore-torch: the basis and the low-rank
-    moments stay in float32 for bf16 parameters, the state holds tensors only, and the
+    :class:`~lrtrain.optim.SubspaceAdamW`. Differences from galore-torch: the math runs in float32 for
+    bf16 parameters (the state is stored in bf16, as galore-torch's), the state holds tensors only, and the
     back-projection is written straight into the weight (``addmm_``) without a full-size temporary.
 
     Example::

@@ -96,11 +96,19 @@ def moment_chunks(state: dict) -> Iterator[tuple[Tensor, Tensor, slice | None]]:
 
 
 @contextmanager
-def float_moments(state: dict, view: Callable[[Tensor], Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
-    """Both moments whole, as float tensors (seen through ``view``), for updates that need their
-    shape (the low-rank moments of a subspace, which are small); 8-bit ones are written back on exit."""
+def float_moments(state: dict, view: Callable[[Tensor], Tensor], dtype: torch.dtype) -> Iterator[tuple[Tensor, Tensor]]:
+    """Both moments whole, as ``dtype`` tensors (seen through ``view``), for updates that need their
+    shape (the low-rank moments of a subspace, which are small); 8-bit ones, and float ones stored in
+    another dtype (bf16 moments of bf16 weights), are written back on exit."""
     if "exp_avg_absmax" not in state:
-        yield view(state["exp_avg"]), view(state["exp_avg_sq"])
+        stored = view(state["exp_avg"]), view(state["exp_avg_sq"])
+        if stored[0].dtype == dtype:
+            yield stored
+            return
+        working = tuple(moment.to(dtype) for moment in stored)
+        yield working
+        for moment, values in zip(stored, working):
+            moment.copy_(values)
         return
     m, v = (_dequantize(state[key], state[f"{key}_absmax"], signed) for key, signed in MOMENTS)
     yield view(m), view(v)

@@ -41,9 +41,11 @@ the torch code here is their reference and serves every other case.
 
 Groups without ``rank``/``density`` are plain AdamW in the same ``adam_style``. The state holds
 tensors only: ``step`` (0-d float32, CPU, as torch.optim), ``exp_avg``/``exp_avg_sq``, ``basis``
-(float, or int64 indices for coordinates), ``seed`` (int64), ``limiter_norm`` (Fira) and
-``active`` (blocks). Projection math runs in float32 (float64 for float64 parameters) whatever the
-parameter dtype, and the subspace state is kept in that dtype, also across ``load_state_dict``.
+(float, int8/int4 codes with ``basis_scale``, or int64 indices for coordinates), ``seed`` (int64),
+``limiter_norm`` (Fira) and ``active`` (blocks). Projection math runs in float32 (float64 for float64
+parameters) whatever the parameter dtype; the moments and the basis are stored as ``moment_dtype`` and
+``basis_dtype`` say (:mod:`lrtrain.optim.engine.storage`; by default in the parameter's dtype, as
+galore-torch), also across ``load_state_dict``.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ from .engine.rules import (
     state_free_lr,
     state_free_update_,
 )
+from .engine.storage import QUANTIZED_BASES, load_basis, storage_dtype
 from .projector import (
     add_project_back_,
     project,
@@ -108,11 +111,11 @@ __all__ = ["ENGINE_OPTIONS", "RESIDUAL_RULES", "ResidualRule", "SubspaceAdamW", 
            "state_free_lr", "validate_options"]
 
 
-#: State entries kept on the CPU, and those stored in float32 whatever the weights (8-bit block scales).
+#: State entries kept on the CPU, and those stored in float32 whatever the weights (8-bit and basis scales).
 _ON_CPU = {"step", "seed", "refresh_in"}
 #: The ``step`` of state allocated by torch.distributed.checkpoint's zero-gradient initialisation.
 PLACEHOLDER_STEP = -1.0
-_FLOAT32 = {"exp_avg_absmax", "exp_avg_sq_absmax"}
+_FLOAT32 = {"exp_avg_absmax", "exp_avg_sq_absmax", "basis_scale"}
 
 
 def param_layout(shape: tuple[int, ...], group: dict) -> tuple[str, int]:
@@ -297,11 +300,11 @@ class SubspaceAdamW(Optimizer):
         """torch.optim's load, with three differences. Saved groups that lack lrtrain's keys (a
         ``torch.optim.AdamW`` state dict) take this optimizer's values for them. Each floating state
         entry gets the dtype a fresh step would create, from the saved tensor (not from torch's cast
-        to the parameter's dtype, which would turn a float32 basis into bf16): the compute dtype
-        (float32 for bf16/fp16/fp32 weights, float64 for float64 ones) in subspace, Adafactor and
-        8-bit groups, the parameter's dtype in plain AdamW groups; 8-bit codes, indices and seeds
-        keep theirs, block scales stay float32. ``step`` becomes a float32 CPU tensor (older state
-        dicts hold a number)."""
+        to the parameter's dtype): Adam's moments and a float basis as ``moment_dtype`` /
+        ``basis_dtype`` say; the rest of the subspace, Adafactor and 8-bit groups' state in the compute
+        dtype (float32 for bf16/fp16/fp32 weights, float64 for float64 ones), the parameter's dtype in
+        plain AdamW groups; 8-bit and basis codes, indices and seeds keep theirs, scales stay float32.
+        ``step`` becomes a float32 CPU tensor (older state dicts hold a number)."""
         state_dict = dict(state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) == len(self.param_groups):
@@ -312,11 +315,9 @@ class SubspaceAdamW(Optimizer):
         super().load_state_dict(state_dict)
         ids = iter(saved_ids)
         for group in self.param_groups:
-            own_dtype = (is_projected(group) and group["proj_method"] != "blocks") or group["inner"] == "adafactor" \
-                or group["state_bits"] == 8
             for p in group["params"]:
                 for key, value in saved_state.get(next(ids), {}).items():
-                    self.state[p][key] = _loaded_entry(key, value, p, own_dtype)
+                    self.state[p][key] = _loaded_entry(key, value, p, group)
 
     # ----------------------------------------------------------------- step
 
@@ -416,7 +417,8 @@ class SubspaceAdamW(Optimizer):
                 or group["residual"] != "none" or isinstance(p, DTensor) or refresh_due(group, state)):
             return False
         side, _ = param_layout(tuple(p.shape), group)
-        low = project(p.grad.to(compute_dtype(p.dtype)), state["basis"], side)
+        dtype = compute_dtype(p.dtype)
+        low = project(p.grad.to(dtype), load_basis(state, side, tuple(p.shape), dtype), side)
         if group["maximize"]:
             low.neg_()
         pending = state.get("low_rank_grad")
@@ -459,7 +461,7 @@ class SubspaceAdamW(Optimizer):
     def _dense_param(self, group: dict, i: int, p: Tensor) -> None:
         grad, state = self._grad(group, i, p), self.state[p]
         if not state:
-            init_adamw_state(state, p, group["state_bits"])
+            init_adamw_state(state, p, group["state_bits"], storage_dtype(group["moment_dtype"], p.dtype))
         adamw_(p, grad, state, lr=float(group["lr"]), adam=AdamSettings.of(group))
 
     def _plan(self, group: dict, i: int, index: int, p: Tensor) -> MatrixPlan:
@@ -480,7 +482,8 @@ class SubspaceAdamW(Optimizer):
             side = plan.side
             if refresh_due(group, state) and not refresh_basis(group, plan, p, grad, state):
                 return
-            low = project(grad, state["basis"], side)
+            basis = load_basis(state, side, tuple(p.shape), grad.dtype)
+            low = project(grad, basis, side)
             if "low_rank_grad" in state:
                 low.add_(state.pop("low_rank_grad"))
         else:
@@ -501,7 +504,7 @@ class SubspaceAdamW(Optimizer):
         if group["weight_decay"]:
             work.mul_(1.0 - lr * group["weight_decay"])
         if projected:
-            add_project_back_(work, update, state["basis"], side, alpha=-group["scale"])
+            add_project_back_(work, update, basis, side, alpha=-group["scale"])
         else:
             work.sub_(update)
         if work is not p:
@@ -522,7 +525,8 @@ class SubspaceAdamW(Optimizer):
         if refresh and not refresh_basis(group, plan, p, grad, state):
             return
         side = shards.view_side(plan.side)
-        basis = shards.basis_view(state["basis"], side, compute_dtype(p.dtype))
+        dtype = compute_dtype(p.dtype)
+        basis = shards.basis_view(load_basis(state, plan.side, tuple(p.shape), dtype), side, dtype)
         step = count_step(state)
         if fused:
             _fused_update(group, p, grad, basis, state, side, lr, step)
@@ -535,7 +539,7 @@ class SubspaceAdamW(Optimizer):
             shards.all_reduce_(low)  # R = Σ over the ranks' rows of Pᵀ G
         # GaLore's rule never reads R again, so the denominator (and N) can take its memory.
         reuse = None if RESIDUAL_RULES[group["residual"]].reads_low else low
-        with float_moments(state, shards.view) as (exp_avg, exp_avg_sq):
+        with float_moments(state, shards.view, dtype) as (exp_avg, exp_avg_sq):
             denom = adam_denominator_(exp_avg, exp_avg_sq, low, step, adam=adam, out=reuse)
             direction = torch.div(exp_avg, denom, out=denom)
         weight = shards.view(p)
@@ -642,8 +646,8 @@ def _fused_update(group: dict, weight: Tensor, grad: Tensor, basis: Tensor, stat
     project_back_update_(weight, basis=basis, side=side, keep=before * after, grad=grad, **args)
 
 
-def _loaded_entry(key: str, value: Any, p: Tensor, own_dtype: bool) -> Any:
-    """A saved state entry as this engine stores it for ``p`` (see ``SubspaceAdamW.load_state_dict``)."""
+def _loaded_entry(key: str, value: Any, p: Tensor, group: dict) -> Any:
+    """A saved state entry as this engine stores it for ``p`` in ``group`` (see ``SubspaceAdamW.load_state_dict``)."""
     if key == "step":
         return torch.tensor(float(value), dtype=torch.float32)
     if not torch.is_tensor(value):
@@ -651,8 +655,20 @@ def _loaded_entry(key: str, value: Any, p: Tensor, own_dtype: bool) -> Any:
     device = "cpu" if key in _ON_CPU else p.device
     if key in _FLOAT32:
         return value.to(device=device, dtype=torch.float32)
-    if value.is_floating_point():
-        return value.to(device=device, dtype=compute_dtype(p.dtype) if own_dtype else p.dtype)
-    return value.to(device=device)
+    if not value.is_floating_point():
+        return value.to(device=device)
+    return value.to(device=device, dtype=_stored_dtype(key, p, group))
 
 
+def _stored_dtype(key: str, p: Tensor, group: dict) -> torch.dtype:
+    """The dtype in which a step stores floating state entry ``key`` of ``p`` in ``group``: Adam's 32-bit
+    moments and a float basis as ``moment_dtype`` / ``basis_dtype`` say; the rest of a subspace, Adafactor
+    or 8-bit group's state in the compute dtype; a plain group's as the parameter (as torch.optim)."""
+    if key in ("exp_avg", "exp_avg_sq") and group["inner"] == "adam" and group["state_bits"] == 32:
+        return storage_dtype(group["moment_dtype"], p.dtype)
+    if key == "basis" and group["basis_dtype"] not in QUANTIZED_BASES:
+        return storage_dtype(group["basis_dtype"], p.dtype)
+    subspace = is_projected(group) and group["proj_method"] != "blocks"
+    if subspace or group["inner"] == "adafactor" or group["state_bits"] == 8:
+        return compute_dtype(p.dtype)
+    return p.dtype

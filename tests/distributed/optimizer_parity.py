@@ -30,6 +30,8 @@ CASES = {
     "galore-svd-project": (GaLoreAdamW, {"refresh_moments": "project"}),
     "frugal-coordinates-project": (FrugalAdamW, {"proj_method": "coordinates", "refresh_moments": "project"}),
     "frugal-blocks": (FrugalAdamW, {"rank": None, "density": 0.5, "proj_method": "blocks", "block_order": "random"}),
+    "galore-int8-basis-float32-moments": (GaLoreAdamW, {"basis_dtype": "int8", "moment_dtype": "float32"}),
+    "fira-int4-basis-project": (FiraAdamW, {"proj_method": "random", "basis_dtype": "int4", "refresh_moments": "project"}),
 }
 
 

@@ -24,6 +24,7 @@ def torchrun(script: str, *args: str, nproc: int = 2) -> str:
 def test_sharded_optimizers_match_one_process():
     out = torchrun("optimizer_parity.py")
     for case in ("galore-svd", "galore-randomized", "fira-svd", "fira-random", "frugal-svd-sign",
-                 "frugal-coordinates", "frugal-sgd-randomized", "frugal-blocks", "steady steps",
+                 "frugal-coordinates", "frugal-sgd-randomized", "frugal-blocks", "galore-int8-basis-float32-moments",
+                 "fira-int4-basis-project", "steady steps",
                  "8-bit refuses split parameters", "Adafactor refuses split parameters"):
         assert f"ok {case}\n" in out

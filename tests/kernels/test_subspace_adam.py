@@ -117,10 +117,13 @@ def test_fused_step_equals_the_torch_path_fp32(cls, options, shape):
 
 @pytest.mark.parametrize("cls, options", CASES[:4])
 @pytest.mark.parametrize("shape", [(37, 53), (61, 29)])
-def test_fused_step_equals_the_torch_path_bf16(cls, options, shape):
+@pytest.mark.parametrize("storage", [{}, {"moment_dtype": "float32", "basis_dtype": "float32"}, {"basis_dtype": "int4"}],
+                         ids=["bf16-state", "float32-state", "int4-basis"])
+def test_fused_step_equals_the_torch_path_bf16(cls, options, shape, storage):
     """bf16 weights: each step from the same state lands within two bf16 roundings of the torch path
-    (the audited worst is 0.96 of one: a different last bit)."""
-    params, opts = _twins(cls, options, shape, torch.bfloat16)
+    (the audited worst is 0.96 of one: a different last bit), with bf16 (the default), float32 or
+    float32-computed moments and an int4 basis."""
+    params, opts = _twins(cls, {**options, **storage}, shape, torch.bfloat16)
     for _ in range(5):
         grad = torch.randn(*shape).to(torch.bfloat16)
         for p, opt in zip(params, opts):

@@ -59,10 +59,24 @@ def test_without_accumulation_bit_for_bit(cls):
 
 
 @pytest.mark.parametrize("cls", CLASSES)
-def test_with_accumulation_matches_the_ordinary_optimizer(cls):
+def test_bf16_state_without_accumulation_bit_for_bit(cls):
+    """bf16 weights with bf16 state (the default), or float32 moments and an int4 basis."""
+    for keys in ({}, {"moment_dtype": "float32", "basis_dtype": "int4"}):
+        a, opt_a, b, opt_b = _pair(cls, dtype=torch.bfloat16, **keys)
+        batches = [[torch.randint(0, 32, (4, 9))] for _ in range(5)]
+        _train_ordinary(a, opt_a, batches, 1)
+        _train_layerwise(b, LayerwiseUpdates(opt_b), batches)
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("storage", [{}, {"basis_dtype": "int8"}], ids=["float", "int8"])
+@pytest.mark.parametrize("cls", CLASSES)
+def test_with_accumulation_matches_the_ordinary_optimizer(cls, storage):
     """GaLore folds non-refresh micro-batches into its subspace (a sum in another order: float64
-    agreement to 1e-12); Fira and FRUGAL read the full gradient, which accumulates whole (bitwise)."""
-    a, opt_a, b, opt_b = _pair(cls, dtype=torch.float64)
+    agreement to 1e-12, also through an int8 basis); Fira and FRUGAL read the full gradient, which
+    accumulates whole (bitwise)."""
+    a, opt_a, b, opt_b = _pair(cls, dtype=torch.float64, **storage)
     batches = [[torch.randint(0, 32, (2, 9)) for _ in range(4)] for _ in range(7)]
     _train_ordinary(a, opt_a, batches, 4)
     layerwise = LayerwiseUpdates(opt_b, grad_accum=4)

@@ -91,23 +91,26 @@ def test_state_holds_tensors_only(cls, keys):
         assert isinstance(leaf, torch.Tensor), type(leaf)
 
 
-def test_bf16_params_keep_float32_basis_and_moments_across_load():
+@pytest.mark.parametrize("keys, stored", [
+    ({}, torch.bfloat16),  # basis_dtype = moment_dtype = "param": galore-torch's bf16 state
+    ({"moment_dtype": "float32", "basis_dtype": "float32"}, torch.float32),
+])
+def test_bf16_params_keep_their_state_dtypes_across_load(keys, stored):
     model = TinyLM().to(torch.bfloat16)
-    opt = _build(model, GaLoreAdamW, {})
+    opt = _build(model, GaLoreAdamW, keys)
     batches = [torch.randint(0, 32, (4, 8)) for _ in range(4)]
     before = model.layers[0].mlp["up_proj"].weight.detach().clone()
     _train(model, opt, batches)
     up = model.layers[0].mlp["up_proj"].weight
     assert not torch.equal(up, before) and torch.isfinite(up.float()).all()
-    assert opt.state[up]["basis"].dtype == torch.float32
-    assert opt.state[up]["exp_avg"].dtype == torch.float32
+    assert {opt.state[up][key].dtype for key in ("basis", "exp_avg", "exp_avg_sq")} == {stored}
 
     fresh = copy.deepcopy(model)
-    opt2 = _build(fresh, GaLoreAdamW, {})
+    opt2 = _build(fresh, GaLoreAdamW, keys)
     opt2.load_state_dict(_roundtrip(opt.state_dict()))
     up2 = fresh.layers[0].mlp["up_proj"].weight
     for key in ("basis", "exp_avg", "exp_avg_sq"):
-        assert opt2.state[up2][key].dtype == torch.float32
+        assert opt2.state[up2][key].dtype == stored
         assert torch.equal(opt2.state[up2][key], opt.state[up][key])
     emb2 = fresh.embed_tokens.weight
     assert opt2.state[emb2]["exp_avg"].dtype == torch.bfloat16  # plain groups follow torch.optim

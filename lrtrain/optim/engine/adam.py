@@ -99,11 +99,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def init_adamw_state(state: dict, p: Tensor, bits: int) -> None:
-    """Zero AdamW moments for ``p`` (8-bit codes with ``bits=8``) and, when missing, a step count."""
+def init_adamw_state(state: dict, p: Tensor, bits: int, dtype: torch.dtype) -> None:
+    """Zero AdamW moments for ``p`` in ``dtype`` (8-bit codes with ``bits=8``, float32 below their least
+    size, as bitsandbytes) and, when missing, a step count."""
     state.setdefault("step", torch.tensor(0.0))
     if bits == 8:
         init_8bit_moments(state, tuple(p.shape), compute_dtype(p.dtype), p.device)
         return
-    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)

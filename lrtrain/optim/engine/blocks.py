@@ -7,6 +7,7 @@ import torch
 
 from ..projector import initial_seed
 from .adam import init_adamw_state
+from .storage import storage_dtype
 
 
 def active_block_count(group: dict) -> int:
@@ -44,5 +45,5 @@ def select_blocks(group: dict, states: list[dict], first_index: int) -> None:
         state["active"] = torch.tensor(False)
     for k in chosen:
         state = states[k]
-        init_adamw_state(state, params[k], group["state_bits"])
+        init_adamw_state(state, params[k], group["state_bits"], storage_dtype(group["moment_dtype"], params[k].dtype))
         state["active"] = torch.tensor(True)

@@ -60,6 +60,13 @@ class GroupOptions:
                   "positive (runs agree across thread counts and process layouts)")
     state_bits: Literal[32, 8] = _option(32, "8: moments as bitsandbytes' blockwise 8-bit codes (plain groups "
                                              "too)")
+    moment_dtype: Literal["param", "float32", "bfloat16"] = _option(
+        "param", "storage of Adam's moments (unless 8-bit): the parameter's dtype, as galore-torch and torch.optim "
+                 "store them, or float32 / bfloat16; computed in float32 either way")
+    basis_dtype: Literal["param", "float32", "bfloat16", "int8", "int4"] = _option(
+        "param", "storage of the subspace basis: the parameter's dtype as galore-torch, "
+                 "float32, bfloat16, or int8 / int4 codes with a scale per 256 entries of each basis vector "
+                 "(Q-GaLore's), dequantized where used")
     fused: Literal[None, True, False] = _option(
         None, "the Triton kernels: None for CUDA matrices when Triton is installed, True wherever they apply, "
               "False never")

@@ -24,6 +24,7 @@ from ..projector import (
     robust_svd_basis,
 )
 from ..quantized import float_moments, init_8bit_moments, zero_moments_
+from .storage import load_basis, storage_dtype, store_basis_
 
 
 @dataclass(frozen=True)
@@ -55,17 +56,18 @@ def refresh_basis(group: dict, plan: MatrixPlan, p: Tensor, grad: Tensor, state:
         )
         return False
     shape, method, view_side = tuple(p.shape), group["proj_method"], shards.view_side(side)
+    fresh = "basis" not in state
+    previous = None if fresh else load_basis(state, side, shape, grad.dtype)
     if method == "svd":  # exact: on the whole gradient, as galore-torch computes it
         full = shards.full(p.grad).to(grad.dtype)
         if group["maximize"]:
             full = torch.neg(full)
-        basis = shards.broadcast_(robust_svd_basis(full, rank, side, state.get("basis"),
-                                                   plan.name))
+        basis = shards.broadcast_(robust_svd_basis(full, rank, side, previous, plan.name))
     else:
         seed = next_seed(int(state["seed"])) if "seed" in state else initial_seed(group["seed"], plan.seed_index)
         state["seed"] = torch.tensor(seed, dtype=torch.int64)
         if method == "randomized":
-            basis = randomized_refresh(group, plan, p, grad, state, seed)
+            basis = randomized_refresh(group, plan, p, grad, previous, seed)
         elif method in ("random", "gaussian"):
             draw = random_basis if method == "random" else gaussian_basis
             basis = draw(seed, shape, rank, side, dtype=grad.dtype, device=grad.device)
@@ -73,8 +75,7 @@ def refresh_basis(group: dict, plan: MatrixPlan, p: Tensor, grad: Tensor, state:
             basis = coordinate_basis(seed, shape, rank, side, device=grad.device)
     if group["basis_signs"] == "canonical" and method in ("svd", "randomized"):
         canonical_signs_(basis, side)
-    fresh, previous = "basis" not in state, state.get("basis")
-    state["basis"] = basis
+    store_basis_(state, basis, side, group["basis_dtype"], p.dtype)
     if group["stagger_refresh"]:  # matrix i of n: the first period is shortened by i/n of a gap
         gap = group["update_proj_gap"]
         first = gap - (plan.index * gap) // len(group["params"]) if fresh else gap
@@ -87,22 +88,24 @@ def refresh_basis(group: dict, plan: MatrixPlan, p: Tensor, grad: Tensor, state:
             init_8bit_moments(state, low_shape, grad.dtype, grad.device)
         else:
             split = view_side == "right"  # moments split like the weight when its rows project locally
-            state["exp_avg"] = shards.zeros(low_shape, split=split, dtype=grad.dtype, device=grad.device)
-            state["exp_avg_sq"] = shards.zeros(low_shape, split=split, dtype=grad.dtype, device=grad.device)
+            dtype = storage_dtype(group["moment_dtype"], p.dtype)
+            state["exp_avg"] = shards.zeros(low_shape, split=split, dtype=dtype, device=grad.device)
+            state["exp_avg_sq"] = shards.zeros(low_shape, split=split, dtype=dtype, device=grad.device)
     elif group["refresh_moments"] == "reset":
         zero_moments_(state)
         state["step"].zero_()
     elif group["refresh_moments"] == "project":
         # T from the whole bases (the same on every rank), applied to this rank's view of the
         # moments: a transposed view (a dim-1 split) swaps the side and transposes T.
-        transition = basis_transition(previous, basis, side, shape)
+        transition = basis_transition(previous, load_basis(state, side, shape, grad.dtype), side, shape)
         transition = transition.T if shards.transposed else transition
-        with float_moments(state, shards.view) as (exp_avg, exp_avg_sq):
+        with float_moments(state, shards.view, grad.dtype) as (exp_avg, exp_avg_sq):
             rotate_moments_(exp_avg, exp_avg_sq, transition.to(exp_avg.dtype), view_side)
     return True
 
 
-def randomized_refresh(group: dict, plan: MatrixPlan, p: Tensor, grad: Tensor, state: dict, seed: int) -> Tensor:
+def randomized_refresh(group: dict, plan: MatrixPlan, p: Tensor, grad: Tensor, previous: Tensor | None,
+                       seed: int) -> Tensor:
     """Subspace iteration on the basis' own side: a right basis of G, or of Gᵀ for a left one.
 
     When the basis spans the view's columns (a right basis of a dim-0 split, a left basis of a
@@ -110,7 +113,6 @@ def randomized_refresh(group: dict, plan: MatrixPlan, p: Tensor, grad: Tensor, s
     sketches are all-reduced; in the crossed layouts the gradient is gathered, as for svd."""
     side, rank, shards = plan.side, plan.rank, plan.shards
     options = {"seed": seed, "oversample": group["oversample"], "power_iters": group["power_iters"]}
-    previous = state.get("basis")
     if shards.view_side(side) == "right":  # the basis spans the columns every rank holds
         view_previous = None if previous is None else (previous.T if side == "left" else previous)
         view_basis = randomized_basis(grad, rank, previous=view_previous, reduce_=shards.all_reduce_, **options)
