@@ -96,7 +96,7 @@ from .engine.rules import (
     state_free_lr,
     state_free_update_,
 )
-from .engine.storage import QUANTIZED_BASES, load_basis, storage_dtype
+from .engine.storage import QUANTIZED_BASES, has_basis, load_basis, storage_dtype
 from .projector import (
     add_project_back_,
     project,
@@ -411,14 +411,13 @@ class SubspaceAdamW(Optimizer):
         nothing but R (the GaLore rule, ``residual="none"``), the basis exists and the next step is
         not a refresh (a refresh needs the whole accumulated gradient), on an unsplit parameter."""
         self._forget_placeholder_state()
-        group, _, _ = self._locate(p)
+        group, i, index = self._locate(p)
         state = self.state.get(p, {})
         if (p.grad is None or not is_projected(group) or group["proj_method"] == "blocks"
                 or group["residual"] != "none" or isinstance(p, DTensor) or refresh_due(group, state)):
             return False
-        side, _ = param_layout(tuple(p.shape), group)
-        dtype = compute_dtype(p.dtype)
-        low = project(p.grad.to(dtype), load_basis(state, side, tuple(p.shape), dtype), side)
+        plan, dtype = self._plan(group, i, index, p), compute_dtype(p.dtype)
+        low = project(p.grad.to(dtype), load_basis(state, group, plan, p, dtype), plan.side)
         if group["maximize"]:
             low.neg_()
         pending = state.get("low_rank_grad")
@@ -482,7 +481,7 @@ class SubspaceAdamW(Optimizer):
             side = plan.side
             if refresh_due(group, state) and not refresh_basis(group, plan, p, grad, state):
                 return
-            basis = load_basis(state, side, tuple(p.shape), grad.dtype)
+            basis = load_basis(state, group, plan, p, grad.dtype)
             low = project(grad, basis, side)
             if "low_rank_grad" in state:
                 low.add_(state.pop("low_rank_grad"))
@@ -526,7 +525,7 @@ class SubspaceAdamW(Optimizer):
             return
         side = shards.view_side(plan.side)
         dtype = compute_dtype(p.dtype)
-        basis = shards.basis_view(load_basis(state, plan.side, tuple(p.shape), dtype), side, dtype)
+        basis = shards.basis_view(load_basis(state, group, plan, p, dtype), side, dtype)
         step = count_step(state)
         if fused:
             _fused_update(group, p, grad, basis, state, side, lr, step)
@@ -620,7 +619,7 @@ def refresh_due(group: dict, state: dict) -> bool:
     """Whether this step refreshes the subspace: the first step; then every ``update_proj_gap``
     steps of ``state["step"]`` (which restarts at a "reset" refresh), or, with ``stagger_refresh``,
     when the countdown ``state["refresh_in"]`` reaches 0."""
-    if "basis" not in state:
+    if not has_basis(state):
         return True
     if "refresh_in" in state:
         return int(state["refresh_in"]) <= 0

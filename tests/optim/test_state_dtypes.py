@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 
-from lrtrain.memory import state_entry_bytes
-from lrtrain.optim import FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW, param_groups
+from lrtrain.memory import state_bytes, state_entry_bytes
+from lrtrain.optim import ApolloAdamW, FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW, param_groups
 from lrtrain.optim.engine.storage import BASIS_GROUP, dequantize_basis, quantize_basis
-from tests.conftest import TinyLM, assert_resume_is_exact
+from tests.conftest import TinyLM, assert_resume_is_exact, train_lm
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -157,3 +157,31 @@ def test_quantized_bases_train_close_to_the_float_basis(basis_dtype, bound):
             opt.step()
         losses[kind] = loss.item()
     assert abs(losses[basis_dtype] / losses["float32"] - 1) < bound
+
+
+@pytest.mark.parametrize("cls, method", [(ApolloAdamW, "gaussian"), (GaLoreAdamW, "random"), (FiraAdamW, "random")])
+def test_a_seed_only_basis_trains_as_the_stored_one(cls, method):
+    """basis_dtype="seed" keeps no basis, draws it again from its seed at each use: the same weights, bit
+    for bit, as the stored float32 basis, and a bit-exact resume."""
+    batches = [torch.randint(0, 32, (4, 9)) for _ in range(6)]
+    finals, states = [], []
+    for storage in ("float32", "seed"):
+        torch.manual_seed(5)
+        model = TinyLM()
+        opt = cls(param_groups(model, rank=4, update_proj_gap=2, proj_method=method), lr=1e-2, basis_dtype=storage)
+        train_lm(model, opt, batches)
+        finals.append([p.detach().clone() for p in model.parameters()])
+        states.append(opt)
+    assert all(torch.equal(a, b) for a, b in zip(*finals))
+    assert all("basis" not in state for state in states[1].state.values())
+    assert state_bytes(states[1])["basis"] == 0 < state_bytes(states[0])["basis"]
+    torch.manual_seed(5)
+    make = lambda m: cls(param_groups(m, rank=4, update_proj_gap=2, proj_method=method), lr=1e-2,  # noqa: E731
+                         basis_dtype="seed")
+    assert_resume_is_exact(TinyLM(), make, batches, split=3)
+
+
+def test_a_seed_only_basis_needs_a_seeded_method():
+    with pytest.raises(ValueError, match="basis_dtype='seed' draws the basis again from its seed: it needs "
+                                         "proj_method='gaussian' or 'random', not 'svd'"):
+        GaLoreAdamW(param_groups(TinyLM(), rank=4), basis_dtype="seed")

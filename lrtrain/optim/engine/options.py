@@ -14,6 +14,7 @@ from ...checks import is_int, is_number
 from ..projector import PROJ_METHODS, PROJ_TYPES
 from .blocks import active_block_count
 from .rules import RESIDUAL_RULES
+from .storage import SEEDED_BASES
 
 GROUP_METHODS = (*PROJ_METHODS, "blocks")
 
@@ -63,10 +64,11 @@ class GroupOptions:
     moment_dtype: Literal["param", "float32", "bfloat16"] = _option(
         "param", "storage of Adam's moments (unless 8-bit): the parameter's dtype, as galore-torch and torch.optim "
                  "store them, or float32 / bfloat16; computed in float32 either way")
-    basis_dtype: Literal["param", "float32", "bfloat16", "int8", "int4"] = _option(
+    basis_dtype: Literal["param", "float32", "bfloat16", "int8", "int4", "seed"] = _option(
         "param", "storage of the subspace basis: the parameter's dtype as galore-torch, "
-                 "float32, bfloat16, or int8 / int4 codes with a scale per 256 entries of each basis vector "
-                 "(Q-GaLore's), dequantized where used")
+                 "float32, bfloat16, int8 / int4 codes with a scale per 256 entries of each basis vector "
+                 "(Q-GaLore's), dequantized where used, or only the seed of a random / gaussian basis, drawn "
+                 "again at each use (as the APOLLO paper counts it)")
     fused: Literal[None, True, False] = _option(
         None, "the Triton kernels: None for CUDA matrices when Triton is installed, True wherever they apply, "
               "False never")
@@ -229,6 +231,9 @@ COMBINATIONS: tuple[Combination, ...] = (
     Combination(lambda g: g["proj_method"] == "gaussian" and RESIDUAL_RULES[g["residual"]].orthonormal,
                 lambda g: f"residual={g['residual']!r} needs an orthonormal basis; proj_method='gaussian' "
                           "(APOLLO's) is not one: use svd, randomized or random"),
+    Combination(lambda g: g["basis_dtype"] == "seed" and g["proj_method"] not in SEEDED_BASES,
+                lambda g: f"basis_dtype='seed' draws the basis again from its seed: it needs proj_method='gaussian' "
+                          f"or 'random', not {g['proj_method']!r}", subspace=True),
     Combination(lambda g: bool(g["fused"]) and not kernels_available(),
                 lambda g: "fused=True runs lrtrain's Triton kernels: pip install triton (or lrtrain[kernels]), "
                           "or leave fused=None (kernels where they apply) or False"),

@@ -15,16 +15,14 @@ from ..projector import (
     basis_transition,
     canonical_signs_,
     coordinate_basis,
-    gaussian_basis,
     initial_seed,
     low_rank_shape,
     next_seed,
-    random_basis,
     randomized_basis,
     robust_svd_basis,
 )
 from ..quantized import float_moments, init_8bit_moments, zero_moments_
-from .storage import load_basis, storage_dtype, store_basis_
+from .storage import SEEDED_BASES, has_basis, load_basis, storage_dtype, store_basis_
 
 
 @dataclass(frozen=True)
@@ -56,8 +54,8 @@ def refresh_basis(group: dict, plan: MatrixPlan, p: Tensor, grad: Tensor, state:
         )
         return False
     shape, method, view_side = tuple(p.shape), group["proj_method"], shards.view_side(side)
-    fresh = "basis" not in state
-    previous = None if fresh else load_basis(state, side, shape, grad.dtype)
+    fresh = not has_basis(state)
+    previous = None if fresh else load_basis(state, group, plan, p, grad.dtype)
     if method == "svd":  # exact: on the whole gradient, as galore-torch computes it
         full = shards.full(p.grad).to(grad.dtype)
         if group["maximize"]:
@@ -68,9 +66,8 @@ def refresh_basis(group: dict, plan: MatrixPlan, p: Tensor, grad: Tensor, state:
         state["seed"] = torch.tensor(seed, dtype=torch.int64)
         if method == "randomized":
             basis = randomized_refresh(group, plan, p, grad, previous, seed)
-        elif method in ("random", "gaussian"):
-            draw = random_basis if method == "random" else gaussian_basis
-            basis = draw(seed, shape, rank, side, dtype=grad.dtype, device=grad.device)
+        elif method in SEEDED_BASES:
+            basis = SEEDED_BASES[method](seed, shape, rank, side, dtype=grad.dtype, device=grad.device)
         else:
             basis = coordinate_basis(seed, shape, rank, side, device=grad.device)
     if group["basis_signs"] == "canonical" and method in ("svd", "randomized"):
@@ -97,7 +94,7 @@ def refresh_basis(group: dict, plan: MatrixPlan, p: Tensor, grad: Tensor, state:
     elif group["refresh_moments"] == "project":
         # T from the whole bases (the same on every rank), applied to this rank's view of the
         # moments: a transposed view (a dim-1 split) swaps the side and transposes T.
-        transition = basis_transition(previous, load_basis(state, side, shape, grad.dtype), side, shape)
+        transition = basis_transition(previous, load_basis(state, group, plan, p, grad.dtype), side, shape)
         transition = transition.T if shards.transposed else transition
         with float_moments(state, shards.view, grad.dtype) as (exp_avg, exp_avg_sq):
             rotate_moments_(exp_avg, exp_avg_sq, transition.to(exp_avg.dtype), view_side)

@@ -5,7 +5,9 @@ Compute is float32 (float64 for float64 weights). Storage follows two group opti
 * ``moment_dtype``: Adam's moments M and V, unless they are 8-bit codes (``state_bits=8``);
 * ``basis_dtype``: the basis, as a float tensor, or as integer codes with one float32 scale per group of
   :data:`BASIS_GROUP` entries of each basis vector (Q-GaLore's idea): ``int8`` codes in [-127, 127],
-  ``int4`` codes in [-7, 7] packed two to a byte. ``state["basis_scale"]`` holds the scales.
+  ``int4`` codes in [-7, 7] packed two to a byte. ``state["basis_scale"]`` holds the scales. ``seed``
+  stores no basis: a basis drawn from a seed (``random``, APOLLO's ``gaussian``) is drawn again from
+  ``state["seed"]`` wherever it is used, as the APOLLO paper counts its memory.
 
 "param" is the parameter's dtype, what galore-torch and torch.optim.AdamW store (bf16 for bf16 weights; for
 float16 weights float32 moments are safer: g² of a 1e-4 gradient is below float16's smallest normal).
@@ -13,14 +15,27 @@ float16 weights float32 moments are safer: g² of a 1e-4 gradient is below float
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
+
+from ..projector import gaussian_basis, random_basis
 
 #: Entries of a basis vector that share one scale in an int8/int4 basis (Q-GaLore's proj_group_size).
 BASIS_GROUP = 256
 _CODE_MAX = {"int8": 127, "int4": 7}
 #: ``basis_dtype`` choices stored as integer codes with scales.
 QUANTIZED_BASES = tuple(_CODE_MAX)
+#: The bases that are a function of a seed (``proj_method`` → its draw), which ``basis_dtype="seed"`` redraws.
+SEEDED_BASES = {"random": random_basis, "gaussian": gaussian_basis}
+
+
+class Layout(Protocol):
+    """What loading a basis needs to know of its matrix (a :class:`~lrtrain.optim.engine.refresh.MatrixPlan`)."""
+
+    side: str
+    rank: int
 _FLOAT_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -71,11 +86,20 @@ def dequantize_basis(codes: Tensor, scale: Tensor, side: str, length: int, dtype
     return vectors if side == "right" else vectors.T
 
 
+def has_basis(state: dict) -> bool:
+    """Whether the matrix has a basis: a stored one, or a seed to draw it from (``basis_dtype="seed"``)."""
+    return "basis" in state or "basis_seed_only" in state
+
+
 def store_basis_(state: dict, basis: Tensor, side: str, choice: str, param_dtype: torch.dtype) -> None:
     """Keep ``basis`` (compute dtype, parameter layout) in ``state["basis"]`` as ``basis_dtype`` =
-    ``choice`` says; a coordinate basis (int64 indices) is kept as it is."""
+    ``choice`` says (nothing but a flag for ``"seed"``: ``state["seed"]`` draws it); a coordinate basis
+    (int64 indices) is kept as it is."""
     state.pop("basis_scale", None)
-    if not basis.is_floating_point():
+    if choice == "seed":
+        state.pop("basis", None)
+        state["basis_seed_only"] = torch.tensor(True)
+    elif not basis.is_floating_point():
         state["basis"] = basis
     elif choice in QUANTIZED_BASES:
         state["basis"], state["basis_scale"] = quantize_basis(basis, side, choice)
@@ -83,9 +107,14 @@ def store_basis_(state: dict, basis: Tensor, side: str, choice: str, param_dtype
         state["basis"] = basis.to(storage_dtype(choice, param_dtype))
 
 
-def load_basis(state: dict, side: str, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
-    """The stored basis of a matrix of ``shape`` in the compute ``dtype`` (parameter layout); indices
-    of a coordinate basis as they are."""
+def load_basis(state: dict, group: dict, layout: Layout, p: Tensor, dtype: torch.dtype) -> Tensor:
+    """The basis of matrix ``p`` (its ``layout``: side and rank) in the compute ``dtype`` and the parameter
+    layout, on ``p``'s device: cast, dequantized, or drawn again from its seed; indices of a coordinate basis
+    as they are."""
+    side, shape = layout.side, tuple(p.shape)
+    if "basis_seed_only" in state:
+        draw = SEEDED_BASES[group["proj_method"]]
+        return draw(int(state["seed"]), shape, layout.rank, side, dtype=dtype, device=p.device)
     basis = state["basis"]
     if "basis_scale" in state:
         return dequantize_basis(basis, state["basis_scale"], side, shape[1] if side == "right" else shape[0], dtype)
