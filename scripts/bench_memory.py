@@ -24,14 +24,15 @@ from lrtrain.memory import PeakMemory, estimate
 from lrtrain.train.loop import TrainSettings, causal_lm_loss
 from lrtrain.train.run import build_components
 
-METHODS = ["adamw", "adamw8bit", "galore", "galore8bit", "galore8bit_layerwise", "fira", "frugal", "sltrain", "sst"]
+METHODS = ["adamw", "adamw8bit", "galore", "galore8bit", "galore8bit_layerwise", "fira", "frugal", "apollo",
+           "apollo_mini", "galore_adafactor", "sltrain", "sst"]
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def method_config(model: str, method: str, args) -> dict:
+def method_config(model: str, method: str, args, extra: tuple[str, ...] = ()) -> dict:
     overrides = [f"model={model}", f"method={method}", "sweep_name=bench", f"train.precision={args.precision}",
                  f"train.seq_len={args.seq}", f"train.batch_size={args.batch}", "train.grad_accum=1",
-                 "train.grad_clip=0"]
+                 "train.grad_clip=0", *extra]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         cfg = compose("train", overrides=overrides)
     return OmegaConf.to_container(cfg, resolve=True)

@@ -3,8 +3,8 @@ and measured peaks.
 
 Categories follow the state keys lrtrain's optimizers (and torch.optim's Adam family) use:
 ``exp_avg``/``exp_avg_sq`` (with their 8-bit block scales) and bitsandbytes' ``state1``/``state2``
-are moments, ``basis`` is the projection basis (a float matrix, or the int64 indices of a
-coordinate subspace), everything else (step counters, seeds, limiter norms, flags, quantization
+are moments, ``basis`` is the projection basis (a float matrix, int8/int4 codes with their scales, or the
+int64 indices of a coordinate subspace), everything else (step counters, seeds, limiter norms, flags, quantization
 maps) is "other". Sharded (DTensor) state counts the local shard: the bytes this rank holds.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-STATE_CATEGORIES = {"exp_avg": "moments", "exp_avg_sq": "moments", "basis": "basis",
+STATE_CATEGORIES = {"exp_avg": "moments", "exp_avg_sq": "moments", "basis": "basis", "basis_scale": "basis",
                     "exp_avg_absmax": "moments", "exp_avg_sq_absmax": "moments",  # 8-bit block scales
                     "exp_avg_sq_row": "moments", "exp_avg_sq_col": "moments",  # Adafactor's factored V
                     # bitsandbytes

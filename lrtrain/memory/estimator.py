@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from ..checks import check_positive_int
 from ..models.llama import LLAMA_SIZES, linear_shapes
-from .accounting import format_bytes
 
 #: Bytes autograd keeps for the backward pass of an lrtrain LLaMA, per token: a·hidden + b·intermediate
 #: per decoder layer, and c·vocab (the float32 log-probabilities) + d·hidden outside the layers.
@@ -15,7 +14,12 @@ ACTIVATION_BYTES = {"fp32": (40.17, 16.04, 4.0, 11.5), "bf16": (24.17, 8.04, 4.0
 #: The references' GaLore / Fira / SLTrain / SST rank per size (``recipe.rank`` in configs/model).
 RECIPE_RANK = {"llama_tiny": 32, "llama_20m": 64, "llama_60m": 128, "llama_130m": 256, "llama_350m": 256,
                "llama_1b": 512, "llama_7b": 1024}
-METHODS = ("adamw", "adamw8bit", "galore", "fira", "frugal", "sltrain", "sst")
+METHODS = ("adamw", "adamw8bit", "galore", "fira", "frugal", "apollo", "apollo_mini", "galore_adafactor", "sltrain",
+           "sst")
+#: Methods that project matrices into a subspace and keep Adam's moments there.
+SUBSPACE_ADAM = ("galore", "fira", "apollo", "apollo_mini")
+#: ``basis_dtype`` / ``moment_dtype`` values and the bytes per element they store (None: the weights').
+STORAGE_BYTES = {"param": None, "float32": 4, "bfloat16": 2, "int8": 1, "int4": 0.5, "seed": 0}
 _BYTES = {"fp32": 4, "bf16": 2}
 
 
@@ -27,53 +31,82 @@ def _eight_bit(numel: int) -> int:
     return 4 * numel if numel < MIN_8BIT_SIZE else numel + 4 * -(-numel // BLOCK)
 
 
-def _trained_tensors(method: str, model: str, vocab_size: int, wb: int, state_bits: int,
-                     rank: int, density: float, sparsity: float, device: str) -> tuple[list, int]:
+def basis_bytes(rank: int, length: int, basis_dtype: str, weight_bytes: int) -> int:
+    """Bytes of a basis of ``rank`` vectors of ``length`` stored as ``basis_dtype``: float elements, int8 /
+    int4 codes plus a float32 scale per :data:`~lrtrain.optim.engine.storage.BASIS_GROUP` entries of each
+    vector, or nothing (``seed``)."""
+    from ..optim.engine.storage import BASIS_GROUP
+
+    per_element = STORAGE_BYTES[basis_dtype]
+    if basis_dtype in ("int8", "int4"):
+        codes = rank * (length if basis_dtype == "int8" else -(-length // 2))
+        return codes + 4 * rank * -(-length // BASIS_GROUP)
+    return int(rank * length * (weight_bytes if per_element is None else per_element))
+
+
+def _trained_tensors(method: str, model: str, vocab_size: int, wb: int, state_bits: int, rank: int,
+                     density: float, sparsity: float, device: str, moment_dtype: str,
+                     basis_dtype: str, layerwise: bool) -> tuple[list, int]:
     """``([(elements, state bytes, step temporary bytes), ...], buffer bytes)`` for every trained
     tensor of the model under ``method``. The temporaries are what one tensor's update allocates
     (measured on lrtrain's and torch's update code, per element): torch AdamW 2 copies in the
-    weights' dtype; lrtrain's AdamW 1 (8-bit: four float32 chunks, five for bf16 weights); a subspace matrix in bf16 its
-    float32 gradient and weight, plus the low-rank moments' float32 copies, plus Fira's scaled
-    residual, or at a refresh the float32 SVD (14 bytes per element; 7 in fp32); FRUGAL's
-    state-free update the float32 weight, gradient and sign (12; 4 in fp32)."""
+    weights' dtype; lrtrain's AdamW 1 (8-bit: four float32 chunks, five for bf16 weights); a subspace
+    matrix in bf16 its float32 gradient and weight, plus R and the float32 working copies of moments
+    not stored in float32 and of a basis not stored in float32 (two for int8/int4 codes), plus Fira's
+    scaled residual, or at a refresh the float32 SVD (14 bytes per element; 7 in fp32); FRUGAL's
+    state-free update the float32 weight, gradient and sign (12; 4 in fp32); Adafactor its float32
+    gradient and weight, G² + ε and its update (of R's size in a subspace)."""
     from ..optim.quantized import CHUNK
 
     h, layers = LLAMA_SIZES[model]["hidden_size"], LLAMA_SIZES[model]["num_hidden_layers"]
-
     half = wb == 2
     eight = state_bits == 8 or method == "adamw8bit"
+    torch_adamw = method in ("sltrain", "sst") or (method == "adamw" and not layerwise)
+    bnb = method == "adamw8bit" and not layerwise  # layer-wise 8-bit Adam: lrtrain's plain 8-bit groups
+    mb = wb if torch_adamw or STORAGE_BYTES[moment_dtype] is None else STORAGE_BYTES[moment_dtype]
 
-    def moments(numel: int, bits8: bool = eight) -> int:
-        return 2 * _eight_bit(numel) if bits8 else 2 * numel * wb
+    def moments(numel: int) -> int:
+        return 2 * _eight_bit(numel) if eight else 2 * numel * mb
 
-    def adam(numel: int) -> tuple[int, int, int]:  # a tensor trained by (8-bit) AdamW
-        if method in ("adamw", "sltrain", "sst"):  # torch.optim.AdamW
+    def plain(numel: int, rows: int = 0) -> tuple[int, int, int]:  # a tensor trained without a subspace
+        if method == "galore_adafactor":  # Adafactor: factored (rows + columns) float32 statistics of matrices
+            state = 4 * (rows + numel // rows) if rows else 4 * numel
+            return numel, state, (8 * half + 8) * numel  # float32 G and W, G² + ε, the update
+        if torch_adamw:  # torch.optim.AdamW
             return numel, moments(numel), 2 * numel * wb
-        if method == "adamw8bit":  # bitsandbytes updates in place
+        if bnb:  # bitsandbytes updates in place
             return numel, moments(numel), 0
         return numel, moments(numel), (16 + 4 * half) * min(numel, CHUNK) if eight else numel * wb  # lrtrain's adamw_
 
-    tensors = [adam(vocab_size * h), adam(vocab_size * h)] + [adam(h)] * (2 * layers + 1)
+    tensors = [plain(vocab_size * h, vocab_size), plain(vocab_size * h, vocab_size)] + [plain(h)] * (2 * layers + 1)
     buffers = 0
     for m, n in linear_shapes(model):
         r = min(rank, m, n)
+        long, short = max(m, n), min(m, n)
+        basis = basis_bytes(r, short, basis_dtype, wb)
+        basis_copies = 0 if STORAGE_BYTES[basis_dtype] == 4 or (basis_dtype == "param" and not half) else \
+            2 if basis_dtype in ("int8", "int4") else 1
+        working = 8 * half * m * n + 4 * r * short * basis_copies  # float32 G, W and basis
+        refresh = (14 if half else 7) * m * n
         if method in ("adamw", "adamw8bit"):
-            tensors.append(adam(m * n))
-        elif method in ("galore", "fira"):
-            state = 4 * r * min(m, n) + (2 * _eight_bit(r * max(m, n)) if eight else 8 * r * max(m, n))
-            steady = 8 * half * m * n + 4 * r * max(m, n) * (3 if eight else 1) + 3 * m * n * (method == "fira")
-            tensors.append((m * n, state, max(steady, (14 if half else 7) * m * n)))
+            tensors.append(plain(m * n))
+        elif method in SUBSPACE_ADAM:
+            low_copies = 1 if mb == 4 and not eight else 3  # R, and the moments' float32 working copies
+            steady = working + 4 * r * long * low_copies + 3 * m * n * (method == "fira")
+            tensors.append((m * n, basis + moments(r * long), max(steady, refresh)))
+        elif method == "galore_adafactor":  # factored statistics of R (long x r), no first moment
+            tensors.append((m * n, basis + 4 * (long + r), max(working + 12 * r * long, refresh)))  # R, R² + ε, U
         elif method == "frugal":  # a `density` share of the matrices has Adam state at a time
             tensors.append((m * n, round(density * moments(m * n)), (12 if half else 4) * m * n))
         elif method == "sltrain":
             nnz = int(sparsity * m * n)
-            tensors += [adam(r * n), adam(m * r), adam(nnz)]
+            tensors += [plain(r * n), plain(m * r), plain(nnz)]
             buffers += 4 * nnz  # int32 support
         else:  # sst: all singular values and `rank` pairs of singular vectors train; U, V are frozen
             k = min(m, n)
-            tensors += [adam(k), adam(m * r), adam(n * r)]
+            tensors += [plain(k), plain(m * r), plain(n * r)]
             buffers += wb * k * (m + n)
-    if method == "adamw" and device == "cuda":  # torch's foreach update: one copy of every tensor at once
+    if torch_adamw and method == "adamw" and device == "cuda":  # torch's foreach update: a copy of every tensor
         total = sum(numel for numel, _, _ in tensors)
         tensors = [(numel, state, 0) for numel, state, _ in tensors] + [(0, 0, total * wb)]
     return tensors, buffers
@@ -82,7 +115,8 @@ def _trained_tensors(method: str, model: str, vocab_size: int, wb: int, state_bi
 def estimate(
     model: str, *, method: str = "adamw", vocab_size: int = 32000, dtype: str = "bf16", micro_batch: int = 1,
     seq_len: int = 256, layerwise: bool = False, world_size: int = 1, state_bits: int = 32, rank: int | None = None,
-    density: float = 0.25, sparsity: float = 0.03, device: str = "cuda",
+    density: float = 0.25, sparsity: float = 0.03, device: str = "cuda", moment_dtype: str = "param",
+    basis_dtype: str = "param",
 ) -> dict[str, int]:
     """Bytes of one training step of an lrtrain LLaMA ``model`` (a key of ``LLAMA_SIZES``).
 
@@ -93,12 +127,16 @@ def estimate(
     update's temporaries; with ``layerwise`` the activations but the log-probabilities, plus one
     gradient and its update's temporaries) and ``peak`` = weights + state + transient.
 
-    State is counted as lrtrain stores it: AdamW moments in the weights' dtype; subspace moments
-    float32 (or 8-bit) with float32 bases; 8-bit moments as codes plus block scales; FRUGAL with a
-    ``density`` share of the matrices holding Adam state. ``state_bits=8`` applies to every tensor
-    (GaLore's 8-bit recipe). ``device="cuda"`` counts torch AdamW's foreach temporaries.
+    State is counted as lrtrain stores it: moments in ``moment_dtype`` and bases in ``basis_dtype``
+    ("param": the weights' dtype, as the references; float32, bfloat16, int8 / int4 codes with group scales,
+    or a seed only); 8-bit moments as codes plus block scales; FRUGAL with a ``density`` share of the
+    matrices holding Adam state; GaLore-Adafactor's factored float32 statistics; APOLLO-Mini at rank 1.
+    ``state_bits=8`` applies to every tensor (GaLore's 8-bit recipe). ``layerwise`` steps each tensor in
+    the backward pass (lrtrain's :class:`~lrtrain.optim.LayerwiseUpdates`; for adamw and adamw8bit that is
+    lrtrain's plain AdamW groups, with ``state_bits=8`` for the latter). ``device="cuda"`` counts torch
+    AdamW's foreach temporaries.
     ``world_size`` > 1 is FSDP2: weights, gradients and state split, two layers gathered at a time.
-    ``rank`` defaults to the references' rank for the size (:data:`RECIPE_RANK`).
+    ``rank`` defaults to the references' rank for the size (:data:`RECIPE_RANK`; 1 for APOLLO-Mini).
     """
     if model not in LLAMA_SIZES:
         raise ValueError(f"model must be one of {', '.join(LLAMA_SIZES)}; got {model!r}")
@@ -110,15 +148,21 @@ def estimate(
         raise ValueError(f"state_bits must be 32 or 8; got {state_bits!r}")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda; got {device!r}")
-    if layerwise and method not in ("galore", "fira"):
-        raise ValueError(f"layerwise=True is modelled for galore and fira (LayerwiseUpdates); got method={method!r}")
+    if layerwise and method in ("sltrain", "sst"):
+        raise ValueError(f"layerwise=True is modelled for lrtrain's optimizers (LayerwiseUpdates); {method} trains "
+                         "with torch.optim.AdamW")
+    for name, value in (("moment_dtype", moment_dtype), ("basis_dtype", basis_dtype)):
+        choices = ("param", "float32", "bfloat16") if name == "moment_dtype" else tuple(STORAGE_BYTES)
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
     for name, value in (("micro_batch", micro_batch), ("seq_len", seq_len), ("world_size", world_size)):
         check_positive_int(name, value)
     size = LLAMA_SIZES[model]
     h, f, layers = size["hidden_size"], size["intermediate_size"], size["num_hidden_layers"]
     wb, tokens = _BYTES[dtype], micro_batch * seq_len
-    tensors, buffers = _trained_tensors(method, model, vocab_size, wb, state_bits, rank or RECIPE_RANK[model],
-                                        density, sparsity, device)
+    rank = rank or (1 if method == "apollo_mini" else RECIPE_RANK[model])
+    tensors, buffers = _trained_tensors(method, model, vocab_size, wb, state_bits, rank, density, sparsity, device,
+                                        moment_dtype, basis_dtype, layerwise)
     weights = sum(numel for numel, _, _ in tensors) * wb + buffers
     state = sum(state for _, state, _ in tensors)
     gradients = sum(numel for numel, _, _ in tensors) * wb
@@ -163,12 +207,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--world-size", type=int, default=1, help="FSDP2 ranks")
     parser.add_argument("--rank", type=int, default=None, help="subspace rank (default: the recipe's)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--moment-dtype", choices=("param", "float32", "bfloat16"), default="param")
+    parser.add_argument("--basis-dtype", choices=tuple(STORAGE_BYTES), default="param")
     args = parser.parse_args(argv)
     common = dict(vocab_size=args.vocab, dtype=args.dtype, micro_batch=args.batch, seq_len=args.seq,
                   world_size=args.world_size, device=args.device)
     try:
         chosen = estimate(args.model, method=args.method, state_bits=args.state_bits, layerwise=args.layerwise,
-                          rank=args.rank, **common)
+                          rank=args.rank, moment_dtype=args.moment_dtype, basis_dtype=args.basis_dtype, **common)
     except ValueError as error:
         parser.error(str(error))
     baseline = estimate(args.model, method="adamw", **common)
@@ -176,8 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         (" layer-wise" if args.layerwise else "")
     rows = [["", name, "adamw", "ratio"]]
     for key in chosen:
-        rows.append([key, format_bytes(chosen[key]), format_bytes(baseline[key]),
+        rows.append([key, f"{chosen[key] / 1e9:.2f} GB", f"{baseline[key] / 1e9:.2f} GB",
                      f"{chosen[key] / baseline[key]:.2f}" if baseline[key] else "-"])
     print(f"{args.model}, {args.dtype} weights, {args.batch} x {args.seq} tokens, world size {args.world_size}, "
-          f"{args.device} (estimate)")
+          f"{args.device} (estimate; GB = 10^9 bytes, as the papers count)")
     print(format_table(rows))
