@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..memory import format_bytes
+from ..memory import estimate, format_bytes
 from .logger import METRICS_FILE, RUN_FILE, read_metrics
 
 GIB = 2**30
@@ -62,16 +62,39 @@ def load_runs(root: str | os.PathLike) -> list[RunRecord]:
     return runs
 
 
+#: The sizes at which the report gives the estimator's figures for each run's method: (column, size, part).
+AT_SCALE = (("state at 1B", "llama_1b", "optimizer_state"), ("peak at 1B", "llama_1b", "peak"),
+            ("state at 7B", "llama_7b", "optimizer_state"), ("peak at 7B", "llama_7b", "peak"))
+
+
+def estimated_at_scale(config: dict[str, Any]) -> dict[str, float]:
+    """GB (10^9 bytes) of :data:`AT_SCALE` for the method and storage options of a run's config, estimated
+    by :func:`lrtrain.memory.estimate` for bf16 weights, 256 tokens and one GPU: where the method's saving
+    matters, which the tiny model's measured memory (dominated by activations) cannot show."""
+    optimizer, param = config["optimizer"], config["param"]["kind"]
+    method = param if param != "dense" else optimizer["name"]
+    keys = {key: optimizer[key] for key in ("state_bits", "moment_dtype", "basis_dtype") if key in optimizer}
+    if method == "frugal" and optimizer.get("density") is not None:
+        keys["density"] = optimizer["density"]
+    if method in ("sltrain", "sst"):
+        keys = {"sparsity": config["param"]["sparsity"]} if method == "sltrain" else {}
+    layerwise = bool(config["train"].get("layerwise")) and method not in ("sltrain", "sst")
+    return {column: estimate(size, method=method, layerwise=layerwise, **keys)[part] / 1e9
+            for column, size, part in AT_SCALE}
+
+
 def markdown_table(runs: list[RunRecord]) -> str:
-    header = ("| method | val loss | val ppl | peak memory | optimizer state | weights | tokens/s | steps |\n"
-              "|---|---:|---:|---:|---:|---:|---:|---:|")
+    scale = " | ".join(f"{column} (est.)" for column, _, _ in AT_SCALE)
+    header = ("| method | val loss | val ppl | peak memory | optimizer state | weights | tokens/s | steps | "
+              f"{scale} |\n|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(AT_SCALE))
     rows = []
     for r in sorted(runs, key=lambda r: r.summary.get("val/loss", math.inf)):
         s = r.summary
+        at_scale = " | ".join(f"{value:.2f} GB" for value in estimated_at_scale(r.config).values())
         rows.append(
             f"| {r.label} | {s.get('val/loss', math.nan):.3f} | {s.get('val/ppl', math.nan):.1f} | "
             f"{_gib(s, 'memory/peak_gib')} | {_gib(s, 'memory/optimizer_state_gib')} | {_weights(s)} | "
-            f"{s.get('perf/tokens_per_s', math.nan):,.0f} | {s.get('step', 0)} |"
+            f"{s.get('perf/tokens_per_s', math.nan):,.0f} | {s.get('step', 0)} | {at_scale} |"
         )
     return "\n".join([header, *rows])
 
@@ -141,7 +164,9 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = No
         f"{first['model']['size']} on {first['data']['source']}, {first['train']['steps']} steps of "
         f"{first['train']['batch_size'] * first['train']['grad_accum']} x {first['train']['seq_len']} tokens, "
         f"precision {first['train']['precision']}. Peak memory is measured per logged step (CUDA allocator, "
-        "or live CPU tensors); validation loss is the mean over the validation batches (divided by N).",
+        "or live CPU tensors); validation loss is the mean over the validation batches (divided by N). The last "
+        "four columns are lrtrain.memory.estimate's figures for the same method and state options at LLaMA-1B "
+        "and 7B (bf16 weights, 256 tokens, one GPU; GB = 10^9 bytes).",
         "",
         markdown_table(runs),
         "",
@@ -160,8 +185,10 @@ def log_to_wandb(root: str | os.PathLike, project: str = "lrtrain", mode: str = 
     runs = load_runs(root)
     columns = ["method", "val/loss", "val/ppl", "memory/peak_gib", "memory/optimizer_state_gib",
                "memory/params_gib", "perf/tokens_per_s"]
-    table = wandb.Table(columns=columns,
-                        data=[[r.label, *(r.summary.get(c, math.nan) for c in columns[1:])] for r in runs])
+    scale = [f"estimate/{column.replace(' ', '_')}_gb" for column, _, _ in AT_SCALE]
+    table = wandb.Table(columns=columns + scale,
+                        data=[[r.label, *(r.summary.get(c, math.nan) for c in columns[1:]),
+                               *estimated_at_scale(r.config).values()] for r in runs])
     run = wandb.init(project=project, job_type="report", name=f"compare-{Path(root).name}", dir=str(root),
                      mode=os.environ.get("WANDB_MODE") or mode)
     run.log({"comparison": table,

@@ -259,7 +259,7 @@ def test_sweep_then_report(cache_dir, tmp_path):
                          capture_output=True, text=True).stdout
     assert "| adamw |" in out and "| galore |" in out
     report = (sweep / "report.md").read_text()
-    assert report.count("\n| ") == 3  # header + 2 runs
+    assert report.count("\n| ") == 3 and "| state at 7B (est.) |" in report  # header + 2 runs
     for image in ("loss_vs_step.png", "loss_vs_memory.png"):
         assert (sweep / image).stat().st_size > 10_000
     # the table and plots as a wandb run (offline: written under the sweep, nothing uploaded)

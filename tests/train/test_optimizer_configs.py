@@ -62,3 +62,18 @@ def test_defaults_written_out_keep_the_fingerprint():
 def test_adafactor_takes_its_floor_as_eps():
     with pytest.raises(TypeError, match=r"eps_scale as eps=\(ε1, ε2\)"):
         GaLoreAdafactor(param_groups(TinyLM(), rank=4), eps_scale=1e-2)
+
+
+def test_the_report_estimates_each_method_at_scale():
+    """The comparison report's 1B / 7B columns are the estimator's figures for the run's method and options."""
+    from lrtrain.memory import estimate
+    from lrtrain.train.report import estimated_at_scale
+
+    galore = estimated_at_scale(config("method=galore"))
+    assert galore["state at 1B"] == estimate("llama_1b", method="galore")["optimizer_state"] / 1e9
+    eight = estimated_at_scale(config("method=galore8bit_layerwise", "optimizer.basis_dtype=int4"))
+    assert eight["peak at 7B"] == estimate("llama_7b", method="galore", state_bits=8, layerwise=True,
+                                           basis_dtype="int4")["peak"] / 1e9
+    adamw, sltrain = estimated_at_scale(config("method=adamw")), estimated_at_scale(config("method=sltrain"))
+    assert eight["peak at 7B"] < galore["peak at 7B"] < adamw["peak at 7B"]
+    assert sltrain["state at 7B"] < adamw["state at 7B"]
