@@ -25,6 +25,7 @@ from ..projector import gaussian_basis, random_basis
 #: Entries of a basis vector that share one scale in an int8/int4 basis (Q-GaLore's proj_group_size).
 BASIS_GROUP = 256
 _CODE_MAX = {"int8": 127, "int4": 7}
+_FLOAT_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: ``basis_dtype`` choices stored as integer codes with scales.
 QUANTIZED_BASES = tuple(_CODE_MAX)
 #: The bases that are a function of a seed (``proj_method`` → its draw), which ``basis_dtype="seed"`` redraws.
@@ -36,7 +37,6 @@ class Layout(Protocol):
 
     side: str
     rank: int
-_FLOAT_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def storage_dtype(choice: str, param_dtype: torch.dtype) -> torch.dtype:
