@@ -57,10 +57,8 @@ def refresh_basis(group: dict, plan: MatrixPlan, p: Tensor, grad: Tensor, state:
     fresh = not has_basis(state)
     previous = None if fresh else load_basis(state, group, plan, p, grad.dtype)
     if method == "svd":  # exact: on the whole gradient, as galore-torch computes it
-        full = shards.full(p.grad).to(grad.dtype)
-        if group["maximize"]:
-            full = torch.neg(full)
-        basis = shards.broadcast_(robust_svd_basis(full, rank, side, previous, plan.name))
+        basis = shards.broadcast_(robust_svd_basis(_whole_gradient(group, shards, p, grad.dtype), rank, side,
+                                                   previous, plan.name))
     else:
         seed = next_seed(int(state["seed"])) if "seed" in state else initial_seed(group["seed"], plan.seed_index)
         state["seed"] = torch.tensor(seed, dtype=torch.int64)
@@ -101,6 +99,13 @@ def refresh_basis(group: dict, plan: MatrixPlan, p: Tensor, grad: Tensor, state:
     return True
 
 
+def _whole_gradient(group: dict, shards: MatrixShards, p: Tensor, dtype: torch.dtype) -> Tensor:
+    """The whole gradient of ``p`` (gathered over the ranks that split it, in the parameter's layout) in
+    ``dtype``, negated with ``maximize``."""
+    full = shards.full(p.grad).to(dtype)
+    return torch.neg(full) if group["maximize"] else full
+
+
 def randomized_refresh(group: dict, plan: MatrixPlan, p: Tensor, grad: Tensor, previous: Tensor | None,
                        seed: int) -> Tensor:
     """Subspace iteration on the basis' own side: a right basis of G, or of Gᵀ for a left one.
@@ -114,9 +119,7 @@ def randomized_refresh(group: dict, plan: MatrixPlan, p: Tensor, grad: Tensor, p
         view_previous = None if previous is None else (previous.T if side == "left" else previous)
         view_basis = randomized_basis(grad, rank, previous=view_previous, reduce_=shards.all_reduce_, **options)
         return view_basis.T.contiguous() if side == "left" else view_basis
-    full = shards.full(p.grad).to(grad.dtype)  # parameter layout
-    if group["maximize"]:
-        full = torch.neg(full)
+    full = _whole_gradient(group, shards, p, grad.dtype)
     if side == "right":
         return shards.broadcast_(randomized_basis(full, rank, previous=previous, **options))
     left_previous = None if previous is None else previous.T
