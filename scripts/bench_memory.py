@@ -38,9 +38,10 @@ def method_config(model: str, method: str, args, extra: tuple[str, ...] = ()) ->
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def measure(model_name: str, method: str, args) -> int:
-    """Peak live tensor bytes over two training steps of ``method`` (the harness' components)."""
-    config = method_config(model_name, method, args)
+def measure(model_name: str, method: str, args, extra: tuple[str, ...] = ()) -> int:
+    """Peak live tensor bytes over two training steps of ``method`` (the harness' components), with
+    ``extra`` hydra overrides."""
+    config = method_config(model_name, method, args, extra)
     settings = TrainSettings.from_mapping(dict(config["train"]))
     torch.manual_seed(0)
     with contextlib.redirect_stdout(io.StringIO()):  # the conversion summary
@@ -64,12 +65,13 @@ def measure(model_name: str, method: str, args) -> int:
     return peak_bytes
 
 
-def estimated(model: str, method: str, args) -> int:
-    """lrtrain.memory.estimate's peak for a bench method (``galore8bit_layerwise`` = galore, 8-bit, layer-wise)."""
+def estimated(model: str, method: str, args, **keys) -> int:
+    """lrtrain.memory.estimate's peak for a bench method (``galore8bit_layerwise`` = galore, 8-bit, layer-wise),
+    with estimate's ``keys``."""
     base = method.removesuffix("_layerwise").removesuffix("8bit") if method.startswith("galore") else method
     return estimate(model, method=base, vocab_size=args.vocab, dtype=args.precision, micro_batch=args.batch,
                     seq_len=args.seq, layerwise=method.endswith("_layerwise"), device="cpu",
-                    state_bits=8 if base == "galore" and "8bit" in method else 32)["peak"]
+                    state_bits=8 if base == "galore" and "8bit" in method else 32, **keys)["peak"]
 
 
 def main() -> None:

@@ -30,18 +30,20 @@ SIZE_TABLES = [
     ("APOLLO Table 2", "weights + state", "APOLLO-Mini, seed-only basis",
      {"method": "apollo_mini", "basis_dtype": "seed"}, (0.12, 0.25, 0.69, 2.60)),
 ]
-#: GaLore's Table 11 (LLaMA-1B, 256 tokens, one device, measured peaks) and its 7B claim (§5).
-PEAKS = [
-    ("Table 11: AdamW", "llama_1b", {"method": "adamw"}, 13.60),
-    ("Table 11: 8-bit Adam", "llama_1b", {"method": "adamw8bit"}, 9.54),
-    ("Table 11: 8-bit GaLore (rank 1024)", "llama_1b", {"method": "galore", "state_bits": 8, "rank": 1024}, 7.95),
-    ("Table 11: AdamW, layer-wise", "llama_1b", {"method": "adamw", "layerwise": True}, 9.63),
-    ("Table 11: 8-bit Adam, layer-wise", "llama_1b", {"method": "adamw8bit", "layerwise": True}, 6.93),
-    ("Table 11: 8-bit GaLore (rank 1024), layer-wise", "llama_1b",
-     {"method": "galore", "state_bits": 8, "rank": 1024, "layerwise": True}, 5.63),
-    ("§5: 7B, 8-bit GaLore, layer-wise", "llama_7b", {"method": "galore", "state_bits": 8, "layerwise": True}, 22.0),
-    ("§5: 7B, 8-bit GaLore, layer-wise, int4 basis", "llama_7b",
-     {"method": "galore", "state_bits": 8, "layerwise": True, "basis_dtype": "int4"}, None),
+#: GaLore's Table 11 (LLaMA-1B at the paper's rank 512, 256 tokens, one device, measured peaks).
+TABLE_11 = [
+    ("AdamW", {"method": "adamw"}, 13.60),
+    ("8-bit Adam", {"method": "adamw8bit"}, 9.54),
+    ("8-bit GaLore", {"method": "galore", "state_bits": 8}, 7.95),
+    ("AdamW, layer-wise", {"method": "adamw", "layerwise": True}, 9.63),
+    ("8-bit Adam, layer-wise", {"method": "adamw8bit", "layerwise": True}, 6.93),
+    ("8-bit GaLore, layer-wise", {"method": "galore", "state_bits": 8, "layerwise": True}, 5.63),
+]
+#: GaLore §5's LLaMA-7B claim (8-bit GaLore, layer-wise, 256 tokens: 22.0 GB) and lrtrain's storage options.
+SEVEN_B = [
+    ("8-bit GaLore, layer-wise", {}, 22.0),
+    ("... with an int4 basis", {"basis_dtype": "int4"}, None),
+    ("... with an int4 basis and the randomized refresh", {"basis_dtype": "int4", "proj_method": "randomized"}, None),
 ]
 _PARTS = {"weights + state": ("weights", "optimizer_state"), "state": ("optimizer_state",),
           "weights + gradients + state": ("weights", "gradients", "optimizer_state")}
@@ -72,13 +74,29 @@ def size_tables() -> str:
     return "\n".join(lines)
 
 
+def table_11_fit() -> tuple[float, list[tuple[str, float, float]]]:
+    """The constant C (GB) that, added to every Table 11 estimate, best fits the paper's peaks (least
+    squares on the ratios), and each row's (label, paper, estimate). One C for all six rows stands for
+    what a GPU process holds whatever the method (the CUDA context, the allocator's reserve): it is
+    fitted here, not measured."""
+    rows = [(label, paper, estimate("llama_1b", seq_len=256, **keys)["peak"] / GB) for label, keys, paper in TABLE_11]
+    # minimise Σ ((e + C)/p - 1)²: C = Σ (p - e)/p² / Σ 1/p²
+    constant = sum((paper - ours) / paper**2 for _, paper, ours in rows) / sum(1 / paper**2 for _, paper, _ in rows)
+    return constant, rows
+
+
 def peak_table() -> str:
-    lines = ["**Peaks** (GaLore's Table 11 and §5; 256 tokens, bf16 weights)", "",
-             "| row | paper | lrtrain's estimate | ratio |", "|---|---:|---:|---:|"]
-    for label, size, keys, paper in PEAKS:
-        ours = estimate(size, seq_len=256, **keys)["peak"] / GB
-        lines.append(f"| {label} | {'-' if paper is None else f'{paper:.2f} GB'} | {ours:.2f} GB | "
-                     f"{'-' if paper is None else f'{ours / paper:.3f}'} |")
+    constant, rows = table_11_fit()
+    lines = [f"**GaLore Table 11** (LLaMA-1B, rank 512, 256 tokens, bf16 weights; C = {constant:.2f} GB fitted)", "",
+             "| row | paper | lrtrain's estimate | ratio | estimate + C | ratio |", "|---|---:|---:|---:|---:|---:|"]
+    for label, paper, ours in rows:
+        lines.append(f"| {label} | {paper:.2f} GB | {ours:.2f} GB | {ours / paper:.3f} | {ours + constant:.2f} GB | "
+                     f"{(ours + constant) / paper:.3f} |")
+    lines += ["", "**GaLore §5** (LLaMA-7B, rank 1024, 256 tokens, bf16 weights)", "",
+              "| setting | paper | lrtrain's estimate |", "|---|---:|---:|"]
+    for label, keys, paper in SEVEN_B:
+        ours = estimate("llama_7b", method="galore", state_bits=8, layerwise=True, seq_len=256, **keys)["peak"] / GB
+        lines.append(f"| {label} | {'-' if paper is None else f'{paper:.2f} GB'} | {ours:.2f} GB |")
     return "\n".join(lines)
 
 

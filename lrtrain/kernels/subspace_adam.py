@@ -9,13 +9,21 @@ rule needs it):
     c = 1 (``adam_style="hf"``) or 1/√(1-β2ᵗ) ("torch"). Emits N, and R when asked.
 ``project_back_update_``  W ← keep·W - α·back(D) - γ·T, back(D) = D·Q (right) or P·D (left), with
     T by ``residual``: 0; Fira's c⊙G (c per row on the right, per column on the left); FRUGAL's
-    sign(G - back(R)) or G - back(R) (back(R) from a second accumulator over the same basis tiles).
+    sign(G - back(R)) or G - back(R) (back(R) from a second accumulator over the same basis tiles,
+    always in float32: its round-off decides sign-SGD's signs).
 
-Every scalar (β1, β2, ε, c, keep, α, γ) is a runtime argument: a changing lr or step never
-recompiles. Math is float32 (products with ``input_precision="ieee"``, as torch's default fp32
-matmul); W and G may be float32, bfloat16 or float16 storage. The engine's torch path
-(``lrtrain.optim.subspace``) is the reference these kernels are tested against; it also serves
-every case they do not cover (CPU tensors, 8-bit moments, coordinate bases, sharded matrices).
+The products' ``precision`` (:data:`PRECISIONS`): ``"bf16"`` / ``"fp16"`` multiply operands rounded to
+that type on tensor cores with float32 accumulation (as cuBLAS runs galore-torch's bf16 step; the
+default for such weights); ``"tf32"``, ``"tf32x3"`` (three tf32 products, about float32's accuracy)
+and ``"ieee"`` (float32 FMA) multiply float32 operands; float32 weights default to what
+``torch.get_float32_matmul_precision()`` allows (:func:`default_precision`). The epilogues are float32
+whatever the precision. Every scalar (β1, β2, ε, c, keep, α, γ) is a runtime argument: a changing lr
+or step never recompiles. Offsets are 64-bit. On a GPU the tiles are autotuned per shape (the in-place
+outputs restored between trials); Triton's interpreter (CPU tests) runs one small tile.
+
+The engine's torch path (``lrtrain.optim.subspace``) is the reference these kernels are tested against;
+it also serves every case they do not cover (CPU tensors, 8-bit moments, coordinate bases, sharded
+matrices).
 """
 
 from __future__ import annotations
@@ -27,45 +35,121 @@ from torch import Tensor
 
 #: ``residual`` codes of :func:`project_back_update_`.
 RESIDUAL_CODES = {"none": 0, "fira": 1, "sign_sgd": 2, "sgd": 3}
+#: The products' precisions: operands rounded to bf16 / fp16 (tensor cores), or float32 ones as tf32,
+#: three tf32 products, or FMA.
+PRECISIONS = ("bf16", "fp16", "tf32", "tf32x3", "ieee")
+_HALF = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+#: Tiles the autotuner tries on a GPU; every one compiles for sm_90 without spilling registers
+#: (``python scripts/gpu_check.py --compile-only``). The projection's epilogue (M, V, N and R) needs 8 warps
+#: per 64-row tile; a float32 FMA product (``"ieee"``, or FRUGAL's second accumulator) smaller K steps.
+ADAM_TILES = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+]
+UPDATE_TILES = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+]
+FMA_TILES = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=2),
+]
+INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 
 
-def _blocks(device: torch.device) -> dict[str, int]:
-    """Tile sizes: 64 × 64 × 32 on a GPU; the smallest ``tl.dot`` allows under the interpreter."""
-    if device.type == "cuda":
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
-    return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
+def default_precision(dtype: torch.dtype) -> str:
+    """The products' precision for weights of ``dtype``: their own half type, or for float32 weights
+    "ieee" under torch's "highest" float32 matmul precision and "tf32" under "high" or "medium"."""
+    if dtype in _HALF:
+        return _HALF[dtype]
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def tiles(kernel: str, precision: str, residual: str = "none") -> list[triton.Config]:
+    """The autotuner's tiles for ``kernel`` ("project_adam" or "project_back_update") at ``precision``
+    under the ``residual`` rule."""
+    if precision == "ieee" or residual in ("sign_sgd", "sgd"):
+        return FMA_TILES
+    return ADAM_TILES if kernel == "project_adam" else UPDATE_TILES
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc + a·b with the operands rounded to PRECISION's type, float32 accumulation. Triton's interpreter
+    multiplies half operands wrongly, so there they are rounded, widened again and multiplied in float32
+    (the same products: a product of two bf16 or fp16 values is exact in float32)."""
+    if PRECISION == "bf16" or PRECISION == "fp16":
+        half = tl.bfloat16 if PRECISION == "bf16" else tl.float16
+        if INTERPRETED:
+            return tl.dot(a.to(half).to(tl.float32), b.to(half).to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a.to(half), b.to(half), acc)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's output tile: its first row and column (64-bit: every offset beyond 2^31 lives in a
+    tile's base pointer, offsets inside a tile stay 32-bit), the tile's row, column and inner indices,
+    and which rows and columns lie inside the (M, N) output."""
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    col0 = tl.program_id(1).to(tl.int64) * BLOCK_N
+    rows, cols, inner = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
+    return row0, col0, rows, cols, inner, rows[:, None] < M - row0, cols[None, :] < N - col0
+
+
+@triton.jit
+def _operand_tiles(a_ptr, b_ptr, row0, col0, rows, cols, inner, stride_am, stride_ak, stride_bk, stride_bn):
+    """Pointers to the first K-step of A's (BLOCK_M, BLOCK_K) and B's (BLOCK_K, BLOCK_N) tiles."""
+    a_tile = a_ptr + row0 * stride_am + rows[:, None] * stride_am + inner[None, :] * stride_ak
+    b_tile = b_ptr + col0 * stride_bn + inner[:, None] * stride_bk + cols[None, :] * stride_bn
+    return a_tile, b_tile
 
 
 @triton.jit
 def _project_adam_kernel(
-    a_ptr, b_ptr, exp_avg_ptr, exp_avg_sq_ptr, direction_ptr, low_ptr,
+    a_ptr, b_ptr, exp_avg_ptr, exp_avg_sq_ptr, direction_ptr, low_ptr, norms_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     beta1, beta2, eps, denom_scale,
-    STORE_LOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STORE_LOW: tl.constexpr, NORMS: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    inner = tl.arange(0, BLOCK_K)
+    row0, col0, rows, cols, inner, row_ok, col_ok = _tile(M, N, BLOCK_M, BLOCK_N, BLOCK_K)
+    a_tile, b_tile = _operand_tiles(a_ptr, b_ptr, row0, col0, rows, cols, inner, stride_am, stride_ak, stride_bk,
+                                    stride_bn)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    col_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
-        ks = k + inner
-        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
-                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
-                    mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0).to(tl.float32)
-        acc += tl.dot(a, b, input_precision="ieee")
+        a = tl.load(a_tile, mask=row_ok & (inner[None, :] < K - k), other=0.0)
+        b = tl.load(b_tile, mask=(inner[:, None] < K - k) & col_ok, other=0.0)
+        acc = _dot(a, b, acc, PRECISION, INTERPRETED)
+        if NORMS == 1:  # ‖G's rows‖² (right side: A = G), from the tiles the product reads anyway
+            row_sq += tl.sum(a.to(tl.float32) * a.to(tl.float32), axis=1)
+        elif NORMS == 2:  # ‖G's columns‖² (left side: B = G)
+            col_sq += tl.sum(b.to(tl.float32) * b.to(tl.float32), axis=0)
+        a_tile += BLOCK_K * stride_ak
+        b_tile += BLOCK_K * stride_bk
+    if NORMS == 1:  # one column of programs writes them
+        if tl.program_id(1) == 0:
+            tl.store(norms_ptr + row0 + rows, row_sq, mask=rows < M - row0)
+    elif NORMS == 2:
+        if tl.program_id(0) == 0:
+            tl.store(norms_ptr + col0 + cols, col_sq, mask=cols < N - col0)
     offsets = rows[:, None] * stride_cm + cols[None, :] * stride_cn
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    m = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    base = row0 * stride_cm + col0 * stride_cn
+    mask = row_ok & col_ok
+    m = tl.load(exp_avg_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(exp_avg_sq_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
     m = m + (1.0 - beta1) * (acc - m)  # torch's lerp_
     v = v * beta2 + (1.0 - beta2) * acc * acc
-    tl.store(exp_avg_ptr + offsets, m.to(exp_avg_ptr.dtype.element_ty), mask=mask)
-    tl.store(exp_avg_sq_ptr + offsets, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
-    tl.store(direction_ptr + offsets, m / (tl.sqrt(v) * denom_scale + eps), mask=mask)
+    tl.store(exp_avg_ptr + base + offsets, m.to(exp_avg_ptr.dtype.element_ty), mask=mask)
+    tl.store(exp_avg_sq_ptr + base + offsets, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+    tl.store(direction_ptr + base + offsets, m / (tl.sqrt(v) * denom_scale + eps), mask=mask)
     if STORE_LOW:
-        tl.store(low_ptr + offsets, acc, mask=mask)
+        tl.store(low_ptr + base + offsets, acc, mask=mask)
 
 
 @triton.jit
@@ -75,58 +159,88 @@ def _project_back_update_kernel(
     stride_wm, stride_wn, stride_am, stride_ak, stride_bk, stride_bn,
     stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_gm, stride_gn,
     keep, alpha, gamma,
-    RESIDUAL: tl.constexpr, COEF_ON_ROWS: tl.constexpr,
+    RESIDUAL: tl.constexpr, COEF_ON_ROWS: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    inner = tl.arange(0, BLOCK_K)
-    row_ok, col_ok = rows[:, None] < M, cols[None, :] < N
+    row0, col0, rows, cols, inner, row_ok, col_ok = _tile(M, N, BLOCK_M, BLOCK_N, BLOCK_K)
+    a_tile, b_tile = _operand_tiles(a_ptr, b_ptr, row0, col0, rows, cols, inner, stride_am, stride_ak, stride_bk,
+                                    stride_bn)
+    a2_tile, b2_tile = _operand_tiles(a2_ptr, b2_ptr, row0, col0, rows, cols, inner, stride_a2m, stride_a2k,
+                                      stride_b2k, stride_b2n)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     back_low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
-        ks = k + inner
-        a_mask, b_mask = row_ok & (ks[None, :] < K), (ks[:, None] < K) & col_ok
-        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak, mask=a_mask, other=0.0)
-        b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=b_mask, other=0.0)
-        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        if RESIDUAL >= 2:
-            a2 = tl.load(a2_ptr + rows[:, None] * stride_a2m + ks[None, :] * stride_a2k, mask=a_mask, other=0.0)
-            b2 = tl.load(b2_ptr + ks[:, None] * stride_b2k + cols[None, :] * stride_b2n, mask=b_mask, other=0.0)
-            back_low += tl.dot(a2.to(tl.float32), b2.to(tl.float32), input_precision="ieee")
+        a_mask, b_mask = row_ok & (inner[None, :] < K - k), (inner[:, None] < K - k) & col_ok
+        acc = _dot(tl.load(a_tile, mask=a_mask, other=0.0), tl.load(b_tile, mask=b_mask, other=0.0), acc, PRECISION,
+                   INTERPRETED)
+        a_tile += BLOCK_K * stride_ak
+        b_tile += BLOCK_K * stride_bk
+        if RESIDUAL >= 2:  # back(R) in float32: its round-off decides sign-SGD's signs
+            back_low = _dot(tl.load(a2_tile, mask=a_mask, other=0.0), tl.load(b2_tile, mask=b_mask, other=0.0),
+                            back_low, "ieee", INTERPRETED)
+            a2_tile += BLOCK_K * stride_a2k
+            b2_tile += BLOCK_K * stride_b2k
     mask = row_ok & col_ok
-    w_offsets = rows[:, None] * stride_wm + cols[None, :] * stride_wn
-    w = tl.load(w_ptr + w_offsets, mask=mask, other=0.0)
+    w_tile = w_ptr + row0 * stride_wm + col0 * stride_wn + rows[:, None] * stride_wm + cols[None, :] * stride_wn
+    w = tl.load(w_tile, mask=mask, other=0.0)
     new = keep * w.to(tl.float32) - alpha * acc
     if RESIDUAL >= 1:
-        g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=mask, other=0.0).to(tl.float32)
+        g_tile = g_ptr + row0 * stride_gm + col0 * stride_gn + rows[:, None] * stride_gm + cols[None, :] * stride_gn
+        g = tl.load(g_tile, mask=mask, other=0.0).to(tl.float32)
+        if COEF_ON_ROWS:  # Fira's coefficients, or sign-SGD's round-off floor, per row (column)
+            coef = tl.load(coef_ptr + row0 + rows, mask=rows < M - row0, other=0.0)[:, None]
+        else:
+            coef = tl.load(coef_ptr + col0 + cols, mask=cols < N - col0, other=0.0)[None, :]
         if RESIDUAL == 1:
-            if COEF_ON_ROWS:
-                coef = tl.load(coef_ptr + rows, mask=rows < M, other=0.0)[:, None]
-            else:
-                coef = tl.load(coef_ptr + cols, mask=cols < N, other=0.0)[None, :]
             new -= gamma * coef * g
-        elif RESIDUAL == 2:  # sign-SGD; coef holds the round-off floor of each row (column)
-            if COEF_ON_ROWS:
-                floor = tl.load(coef_ptr + rows, mask=rows < M, other=0.0)[:, None]
-            else:
-                floor = tl.load(coef_ptr + cols, mask=cols < N, other=0.0)[None, :]
+        elif RESIDUAL == 2:
             residual = g - back_low
-            residual = tl.where(tl.abs(residual) <= floor, 0.0, residual)
+            residual = tl.where(tl.abs(residual) <= coef, 0.0, residual)
             new -= gamma * tl.where(residual > 0, 1.0, tl.where(residual < 0, -1.0, 0.0))
         else:
             new -= gamma * (g - back_low)
-    tl.store(w_ptr + w_offsets, new.to(w.dtype), mask=mask)
+    tl.store(w_tile, new.to(w.dtype), mask=mask)
+
+
+_KEY = ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn"]
+_KERNELS = {"project_adam": (_project_adam_kernel, ["exp_avg_ptr", "exp_avg_sq_ptr"]),
+            "project_back_update": (_project_back_update_kernel, ["w_ptr"])}
+_TUNED = {
+    (name, precision, residual): triton.autotune(configs=tiles(name, precision, residual), key=_KEY,
+                                                 restore_value=restore)(kernel)
+    for name, (kernel, restore) in _KERNELS.items() for precision in PRECISIONS
+    for residual in (("none",) if name == "project_adam" else RESIDUAL_CODES)
+}
+
+
+def _launch(name: str, precision: str, residual: str, device: torch.device, rows: int, cols: int, *args,
+            **constexprs) -> None:
+    """Launch kernel ``name`` over an (m, n) output: autotuned tiles on ``device``'s GPU (under a device
+    guard, so a tensor on cuda:N launches there), the interpreter's tile on a CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if device.type != "cuda":
+        grid = (triton.cdiv(rows, INTERPRETER_TILE["BLOCK_M"]), triton.cdiv(cols, INTERPRETER_TILE["BLOCK_N"]))
+        _KERNELS[name][0][grid](*args, PRECISION=precision, INTERPRETED=True, **constexprs, **INTERPRETER_TILE)
+        return
+    with torch.cuda.device(device):
+        _TUNED[name, precision, residual][
+            lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]))
+        ](*args, PRECISION=precision, INTERPRETED=False, **constexprs)
 
 
 def project_adam(grad: Tensor, basis: Tensor, side: str, exp_avg: Tensor, exp_avg_sq: Tensor, *,
                  beta1: float, beta2: float, eps: float, denom_scale: float = 1.0,
-                 return_low: bool = False) -> tuple[Tensor, Tensor | None]:
+                 return_low: bool = False, precision: str | None = None,
+                 grad_sq_out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Project ``grad`` (m, n) onto ``basis`` and take the Adam moment update in the same pass.
 
     ``exp_avg``/``exp_avg_sq`` (float32 or bfloat16 storage, contiguous, the low-rank shape) are updated in
     place, in float32. Returns N = M / (√V·denom_scale + ε), from the float32 moments before they are
-    stored, and, with ``return_low``, R (float32, the low-rank shape).
+    stored, and, with ``return_low``, R (float32, the low-rank shape). ``precision``: the products'
+    (:data:`PRECISIONS`; default :func:`default_precision` of ``grad``'s dtype). ``grad_sq_out`` (float32,
+    (m,) on the right, (n,) on the left) receives ‖G's rows‖² (columns on the left), summed in float32 from
+    the tiles the product reads, for Fira's and APOLLO's coefficients.
     """
     a, b = (grad, basis.T) if side == "right" else (basis.T, grad)
     rows, cols = a.shape[0], b.shape[1]
@@ -134,24 +248,28 @@ def project_adam(grad: Tensor, basis: Tensor, side: str, exp_avg: Tensor, exp_av
         raise ValueError(f"moments must be contiguous {(rows, cols)} tensors; got {tuple(exp_avg.shape)}")
     direction = torch.empty(exp_avg.shape, dtype=torch.float32, device=exp_avg.device)
     low = torch.empty_like(direction) if return_low else direction
-    blocks = _blocks(grad.device)
-    grid = (triton.cdiv(rows, blocks["BLOCK_M"]), triton.cdiv(cols, blocks["BLOCK_N"]))
-    _project_adam_kernel[grid](
-        a, b, exp_avg, exp_avg_sq, direction, low, rows, cols, a.shape[1],
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), exp_avg.stride(0), exp_avg.stride(1),
-        beta1, beta2, eps, denom_scale, STORE_LOW=return_low, **blocks,
-    )
+    if grad_sq_out is not None and grad_sq_out.shape != (grad.shape[0 if side == "right" else 1],):
+        raise ValueError(f"grad_sq_out must have G's {'rows' if side == 'right' else 'columns'}; "
+                         f"got {tuple(grad_sq_out.shape)}")
+    norms = 0 if grad_sq_out is None else 1 if side == "right" else 2
+    _launch("project_adam", precision or default_precision(grad.dtype), "none", grad.device, rows, cols,
+            a, b, exp_avg, exp_avg_sq, direction, low, direction if grad_sq_out is None else grad_sq_out,
+            rows, cols, a.shape[1],
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), exp_avg.stride(0), exp_avg.stride(1),
+            beta1, beta2, eps, denom_scale, STORE_LOW=return_low, NORMS=norms)
     return direction, (low if return_low else None)
 
 
 def project_back_update_(weight: Tensor, direction: Tensor, basis: Tensor, side: str, *, keep: float, alpha: float,
                          residual: str = "none", gamma: float = 0.0, grad: Tensor | None = None,
-                         coef: Tensor | None = None, low: Tensor | None = None) -> Tensor:
+                         coef: Tensor | None = None, low: Tensor | None = None,
+                         precision: str | None = None) -> Tensor:
     """W ← keep·W - alpha·back(D) - gamma·T in one pass over W (see the module docstring for T).
 
     ``direction`` is D (low-rank shape); ``grad`` is needed by every residual rule, ``coef`` (m,) on
     the right or (n,) on the left by "fira" (its coefficients) and "sign_sgd" (the round-off floor
-    below which a residual entry counts as 0), ``low`` (R) by "sign_sgd" and "sgd"."""
+    below which a residual entry counts as 0), ``low`` (R) by "sign_sgd" and "sgd". ``precision``: of
+    back(D) (:data:`PRECISIONS`; default :func:`default_precision` of ``weight``'s dtype)."""
     code = RESIDUAL_CODES[residual]
     needs = {0: (), 1: ("grad", "coef"), 2: ("grad", "coef", "low"), 3: ("grad", "low")}[code]
     given = {"grad": grad, "coef": coef, "low": low}
@@ -161,12 +279,10 @@ def project_back_update_(weight: Tensor, direction: Tensor, basis: Tensor, side:
     a2, b2 = (a, b) if low is None else (low, basis) if side == "right" else (basis, low)
     g = grad if grad is not None else weight
     rows, cols = weight.shape
-    blocks = _blocks(weight.device)
-    grid = (triton.cdiv(rows, blocks["BLOCK_M"]), triton.cdiv(cols, blocks["BLOCK_N"]))
-    _project_back_update_kernel[grid](
-        weight, a, b, a2, b2, g, coef if coef is not None else weight, rows, cols, a.shape[1],
-        weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), g.stride(0), g.stride(1),
-        keep, alpha, gamma, RESIDUAL=code, COEF_ON_ROWS=side == "right", **blocks,
-    )
+    _launch("project_back_update", precision or default_precision(weight.dtype), residual, weight.device, rows,
+            cols,
+            weight, a, b, a2, b2, g, coef if coef is not None else weight, rows, cols, a.shape[1],
+            weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), g.stride(0), g.stride(1),
+            keep, alpha, gamma, RESIDUAL=code, COEF_ON_ROWS=side == "right")
     return weight

@@ -21,6 +21,8 @@ SUBSPACE_ADAM = ("galore", "fira", "apollo", "apollo_mini")
 #: ``basis_dtype`` / ``moment_dtype`` values and the bytes per element they store (None: the weights').
 STORAGE_BYTES = {"param": None, "float32": 4, "bfloat16": 2, "int8": 1, "int4": 0.5, "seed": 0}
 _BYTES = {"fp32": 4, "bf16": 2}
+#: The refreshes the estimate models (``proj_method``; FRUGAL's ``blocks`` holds no basis).
+PROJ_METHODS = ("svd", "randomized", "random", "gaussian", "coordinates")
 
 
 def _eight_bit(numel: int) -> int:
@@ -44,16 +46,29 @@ def basis_bytes(rank: int, length: int, basis_dtype: str, weight_bytes: int) -> 
     return int(rank * length * (weight_bytes if per_element is None else per_element))
 
 
+def refresh_bytes(proj_method: str, m: int, n: int, rank: int, oversample: int = 8) -> int:
+    """Bytes a refresh of an (m, n) float32 gradient allocates (measured on lrtrain's code, CPU):
+    ``svd`` LAPACK's copy of G, Vᵀ (or U) and U (or Vᵀ) of the short side s, 4mn + 5s²; ``randomized``
+    its (m + n, k) sketches, k = rank + oversample; a seeded basis its float64 draw and QR."""
+    if proj_method == "svd":
+        return 4 * m * n + 5 * min(m, n) ** 2
+    if proj_method == "randomized":
+        return 8 * (rank + oversample) * (m + n)
+    return 16 * rank * min(m, n)
+
+
 def _trained_tensors(method: str, model: str, vocab_size: int, wb: int, state_bits: int, rank: int,
                      density: float, sparsity: float, device: str, moment_dtype: str,
-                     basis_dtype: str, layerwise: bool) -> tuple[list, int]:
+                     basis_dtype: str, layerwise: bool, proj_method: str, oversample: int) -> tuple[list, int]:
     """``([(elements, state bytes, step temporary bytes), ...], buffer bytes)`` for every trained
     tensor of the model under ``method``. The temporaries are what one tensor's update allocates
     (measured on lrtrain's and torch's update code, per element): torch AdamW 2 copies in the
-    weights' dtype; lrtrain's AdamW 1 (8-bit: four float32 chunks, five for bf16 weights); a subspace
-    matrix in bf16 its float32 gradient and weight, plus R and the float32 working copies of moments
-    not stored in float32 and of a basis not stored in float32 (two for int8/int4 codes), plus Fira's
-    scaled residual, or at a refresh the float32 SVD (14 bytes per element; 7 in fp32); FRUGAL's
+    weights' dtype; lrtrain's AdamW 1 (8-bit: four float32 chunks, five for bf16 weights); a GaLore, Fira
+    or APOLLO matrix R, the float32 working copies of moments not stored in float32 and N (in bf16: W, G
+    and the basis are used in bf16, with a copy of a basis not stored in it; in fp32: float32 copies of a
+    basis not stored in float32, two for int8/int4 codes), plus Fira's and APOLLO's norms, or at a refresh
+    the float32 gradient and the previous basis with :func:`refresh_bytes`; GaLore-Adafactor float32
+    copies of G and W besides; FRUGAL's
     state-free update the float32 weight, gradient and sign (12; 4 in fp32); Adafactor its float32
     gradient and weight, G² + ε and its update (of R's size in a subspace)."""
     from ..optim.quantized import CHUNK
@@ -87,12 +102,21 @@ def _trained_tensors(method: str, model: str, vocab_size: int, wb: int, state_bi
         basis_copies = 0 if STORAGE_BYTES[basis_dtype] == 4 or (basis_dtype == "param" and not half) else \
             2 if basis_dtype in ("int8", "int4") else 1
         working = 8 * half * m * n + 4 * r * short * basis_copies  # float32 G, W and basis
-        refresh = (14 if half else 7) * m * n
+        previous = 4 * r * short * (basis_copies > 0)  # the old basis, loaded in float32
+        refresh = refresh_bytes(proj_method, m, n, r, oversample) + 4 * half * m * n + previous
         if method in ("adamw", "adamw8bit"):
             tensors.append(plain(m * n))
         elif method in SUBSPACE_ADAM:
             low_copies = 1 if mb == 4 and not eight else 3  # R, and the moments' float32 working copies
-            steady = working + 4 * r * long * low_copies + 3 * m * n * (method == "fira")
+            if half:  # G, W and the basis in their half type: the basis' copy unless stored so, and N's
+                half_basis = 0 if STORAGE_BYTES[basis_dtype] in (None, 2) else 2 * r * short
+                steady = half_basis + 4 * r * long * low_copies + 2 * r * long
+            else:
+                steady = working + 4 * r * long * low_copies
+            if method == "fira":  # its scaled residual's low-rank terms
+                steady += (12 - 2 * half) * r * long
+            elif method.startswith("apollo"):  # its channel norms
+                steady += wb * r * long
             tensors.append((m * n, basis + moments(r * long), max(steady, refresh)))
         elif method == "galore_adafactor":  # factored statistics of R (long x r), no first moment
             tensors.append((m * n, basis + 4 * (long + r), max(working + 12 * r * long, refresh)))  # R, R² + ε, U
@@ -116,7 +140,7 @@ def estimate(
     model: str, *, method: str = "adamw", vocab_size: int = 32000, dtype: str = "bf16", micro_batch: int = 1,
     seq_len: int = 256, layerwise: bool = False, world_size: int = 1, state_bits: int = 32, rank: int | None = None,
     density: float = 0.25, sparsity: float = 0.03, device: str = "cuda", moment_dtype: str = "param",
-    basis_dtype: str = "param",
+    basis_dtype: str = "param", proj_method: str | None = None, oversample: int = 8,
 ) -> dict[str, int]:
     """Bytes of one training step of an lrtrain LLaMA ``model`` (a key of ``LLAMA_SIZES``).
 
@@ -137,6 +161,8 @@ def estimate(
     AdamW's foreach temporaries.
     ``world_size`` > 1 is FSDP2: weights, gradients and state split, two layers gathered at a time.
     ``rank`` defaults to the references' rank for the size (:data:`RECIPE_RANK`; 1 for APOLLO-Mini).
+    ``proj_method`` (svd, randomized, or a seeded basis: random, gaussian, coordinates; default the
+    method's own: gaussian for APOLLO, svd otherwise) sets what a refresh allocates.
     """
     if model not in LLAMA_SIZES:
         raise ValueError(f"model must be one of {', '.join(LLAMA_SIZES)}; got {model!r}")
@@ -155,6 +181,9 @@ def estimate(
         choices = ("param", "float32", "bfloat16") if name == "moment_dtype" else tuple(STORAGE_BYTES)
         if value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    proj_method = proj_method or ("gaussian" if method.startswith("apollo") else "svd")
+    if proj_method not in PROJ_METHODS:
+        raise ValueError(f"proj_method must be one of {', '.join(PROJ_METHODS)}; got {proj_method!r}")
     for name, value in (("micro_batch", micro_batch), ("seq_len", seq_len), ("world_size", world_size)):
         check_positive_int(name, value)
     size = LLAMA_SIZES[model]
@@ -162,7 +191,7 @@ def estimate(
     wb, tokens = _BYTES[dtype], micro_batch * seq_len
     rank = rank or (1 if method == "apollo_mini" else RECIPE_RANK[model])
     tensors, buffers = _trained_tensors(method, model, vocab_size, wb, state_bits, rank, density, sparsity, device,
-                                        moment_dtype, basis_dtype, layerwise)
+                                        moment_dtype, basis_dtype, layerwise, proj_method, oversample)
     weights = sum(numel for numel, _, _ in tensors) * wb + buffers
     state = sum(state for _, state, _ in tensors)
     gradients = sum(numel for numel, _, _ in tensors) * wb
@@ -209,12 +238,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--moment-dtype", choices=("param", "float32", "bfloat16"), default="param")
     parser.add_argument("--basis-dtype", choices=tuple(STORAGE_BYTES), default="param")
+    parser.add_argument("--proj-method", choices=PROJ_METHODS, default=None,
+                        help="the refresh (default: the method's own)")
     args = parser.parse_args(argv)
     common = dict(vocab_size=args.vocab, dtype=args.dtype, micro_batch=args.batch, seq_len=args.seq,
                   world_size=args.world_size, device=args.device)
     try:
         chosen = estimate(args.model, method=args.method, state_bits=args.state_bits, layerwise=args.layerwise,
-                          rank=args.rank, moment_dtype=args.moment_dtype, basis_dtype=args.basis_dtype, **common)
+                          rank=args.rank, moment_dtype=args.moment_dtype, basis_dtype=args.basis_dtype,
+                          proj_method=args.proj_method, **common)
     except ValueError as error:
         parser.error(str(error))
     baseline = estimate(args.model, method="adamw", **common)

@@ -13,6 +13,8 @@ rules read the full gradient, so those accumulate it whole, as ordinary training
 Clipping: a step's global gradient norm is known only after its backward pass, when most
 parameters have been updated already, so ``max_grad_norm`` clips each step with the norm of the
 *previous* step (the first step is not clipped): ``g ← g · min(1, max_grad_norm / ‖g_{t-1}‖)``.
+The squared norms add up in a float64 tensor on the gradients' device, so the backward pass never
+waits for the host; the host reads the norm once per step.
 The norm logged (``last_grad_norm``) is that of the gradients as they were applied, before
 clipping; for parameters that accumulated in their subspace it counts the projected gradient.
 
@@ -23,7 +25,6 @@ time of the overlap, not the gradients' memory. FSDP2 is not supported.
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 
 import torch
@@ -58,8 +59,8 @@ class LayerwiseUpdates:
         self.optimizer, self.grad_accum, self.max_grad_norm = optimizer, grad_accum, max_grad_norm
         self.last_grad_norm = 0.0
         self._boundary = grad_accum == 1
-        self._norm_sq = 0.0
-        self._coef = 1.0
+        self._norm_sq: Tensor | float = 0.0  # a device tensor once a gradient has been counted
+        self._coef: Tensor | None = None  # the clipping factor, a device tensor (None: no clipping)
         self._ddp = ddp
         if not ddp:
             for group in optimizer.param_groups:
@@ -95,9 +96,10 @@ class LayerwiseUpdates:
         self._boundary = index == self.grad_accum - 1 if last is None else bool(last)
         yield
         if self._boundary:  # the step is complete: its norm clips the next one
-            self.last_grad_norm = math.sqrt(self._norm_sq)
+            norm = torch.as_tensor(self._norm_sq, dtype=torch.float64).sqrt()
+            self.last_grad_norm = float(norm)  # the step's one host read
             if self.max_grad_norm:
-                self._coef = min(1.0, self.max_grad_norm / (self.last_grad_norm + 1e-6))
+                self._coef = (self.max_grad_norm / (norm + 1e-6)).clamp_(max=1.0)
             self._norm_sq = 0.0
             if self._ddp:  # DDP copies the averaged buckets back into .grad; they have been applied
                 self.optimizer.zero_grad(set_to_none=True)
@@ -123,19 +125,18 @@ class LayerwiseUpdates:
 
     def update(self, p: Tensor) -> None:
         """Clip (with the previous step's norm), step and free one parameter's gradient."""
-        if p.grad is not None:
-            self._norm_sq += _squared_norm(p.grad)
-            if self._coef != 1.0:
-                p.grad.mul_(self._coef)
-        pending = self.optimizer.state.get(p, {}).get("low_rank_grad")
-        if pending is not None:
-            self._norm_sq += _squared_norm(pending)
-            if self._coef != 1.0:
-                pending.mul_(self._coef)
+        for tensor in (p.grad, self.optimizer.state.get(p, {}).get("low_rank_grad")):
+            if tensor is None:
+                continue
+            self._norm_sq = self._norm_sq + _squared_norm(tensor)
+            if self._coef is not None:
+                tensor.mul_(self._coef.to(tensor.device))
         self.optimizer.step_param(p)
         p.grad = None
 
 
-def _squared_norm(tensor: Tensor) -> float:
-    """‖tensor‖² accumulated in float32 or better, without a float32 copy of a bf16 gradient."""
-    return float(torch.linalg.vector_norm(tensor, dtype=torch.promote_types(tensor.dtype, torch.float32))) ** 2
+def _squared_norm(tensor: Tensor) -> Tensor:
+    """‖tensor‖² as a float64 0-d tensor on its device: the norm accumulated in float32 or better,
+    without a float32 copy of a bf16 gradient."""
+    norm = torch.linalg.vector_norm(tensor, dtype=torch.promote_types(tensor.dtype, torch.float32))
+    return norm.to(torch.float64).square()

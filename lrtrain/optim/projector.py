@@ -75,13 +75,19 @@ def project_back(low_rank: Tensor, basis: Tensor, side: str, shape: tuple[int, .
     return full
 
 
-def add_project_back_(out: Tensor, low_rank: Tensor, basis: Tensor, side: str, alpha: float) -> Tensor:
-    """out += alpha * back(N), written into ``out`` without a full-size temporary."""
+def add_project_back_(out: Tensor, low_rank: Tensor, basis: Tensor, side: str, alpha: float,
+                      beta: float = 1.0) -> Tensor:
+    """out ← beta·out + alpha·back(N), written into ``out`` without a full-size temporary (one rounding
+    of a half-precision ``out`` for a float basis). N is cast to ``out``'s dtype: a half-precision
+    ``out`` and basis multiply in that type, accumulating in float32."""
+    low_rank = low_rank.to(out.dtype)
     if not basis.is_floating_point():
+        if beta != 1.0:
+            out.mul_(beta)
         return out.index_add_(1 if side == "right" else 0, basis, low_rank, alpha=alpha)
     if side == "right":
-        return out.addmm_(low_rank, basis, alpha=alpha)
-    return out.addmm_(basis, low_rank, alpha=alpha)
+        return out.addmm_(low_rank, basis, beta=beta, alpha=alpha)
+    return out.addmm_(basis, low_rank, beta=beta, alpha=alpha)
 
 
 def low_rank_shape(shape: tuple[int, ...], side: str, rank: int) -> tuple[int, int]:

@@ -31,18 +31,35 @@ def _dynamic_map(signed: bool, device: str) -> Tensor:
     return bnbf.create_dynamic_map(signed=signed).to(device)
 
 
+@contextmanager
+def _fenced_for_bitsandbytes(device: torch.device):
+    """bitsandbytes' blockwise quantization takes no stream (0.50: ``cquantize_blockwise_*`` has no stream
+    argument) and so runs on the device's default stream whatever stream is current, while DDP runs its
+    communication-hook callbacks, and so layer-wise updates, on side streams. The default stream waits for
+    the current one before the call, and the current one for the default stream after it."""
+    if device.type != "cuda" or torch.cuda.current_stream(device) == torch.cuda.default_stream(device):
+        yield
+        return
+    current, default = torch.cuda.current_stream(device), torch.cuda.default_stream(device)
+    default.wait_stream(current)
+    yield
+    current.wait_stream(default)
+
+
 def _quantize_into(values: Tensor, codes: Tensor, absmax: Tensor, signed: bool) -> None:
     import bitsandbytes.functional as bnbf
 
-    bnbf.quantize_blockwise(values, code=_dynamic_map(signed, str(values.device)), absmax=absmax, out=codes,
-                            blocksize=BLOCK)
+    with _fenced_for_bitsandbytes(values.device):
+        bnbf.quantize_blockwise(values, code=_dynamic_map(signed, str(values.device)), absmax=absmax, out=codes,
+                                blocksize=BLOCK)
 
 
 def _dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     import bitsandbytes.functional as bnbf
 
-    return bnbf.dequantize_blockwise(codes, absmax=absmax, code=_dynamic_map(signed, str(codes.device)),
-                                     blocksize=BLOCK)
+    with _fenced_for_bitsandbytes(codes.device):
+        return bnbf.dequantize_blockwise(codes, absmax=absmax, code=_dynamic_map(signed, str(codes.device)),
+                                         blocksize=BLOCK)
 
 
 def init_8bit_moments(state: dict, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:

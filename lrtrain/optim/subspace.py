@@ -50,6 +50,7 @@ galore-torch), also across ``load_state_dict``.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import warnings
@@ -62,6 +63,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from ..distributed import local, matrix_shards
+from ..kernels.dispatch import kernels_win, kernels_work
 from .engine.adafactor import AdafactorSettings, adafactor_lr, adafactor_update, init_adafactor_state, rms
 from .engine.adam import (
     AdamSettings,
@@ -416,8 +418,8 @@ class SubspaceAdamW(Optimizer):
         if (p.grad is None or not is_projected(group) or group["proj_method"] == "blocks"
                 or group["residual"] != "none" or isinstance(p, DTensor) or refresh_due(group, state)):
             return False
-        plan, dtype = self._plan(group, i, index, p), compute_dtype(p.dtype)
-        low = project(p.grad.to(dtype), load_basis(state, group, plan, p, dtype), plan.side)
+        plan, operand = self._plan(group, i, index, p), operand_dtype(group, p)
+        low = project(p.grad, load_basis(state, group, plan, p, operand), plan.side).to(compute_dtype(p.dtype))
         if group["maximize"]:
             low.neg_()
         pending = state.get("low_rank_grad")
@@ -517,21 +519,21 @@ class SubspaceAdamW(Optimizer):
         if not state:
             state["step"] = torch.tensor(0.0)
         refresh = refresh_due(group, state)
-        fused = self._use_kernels(group, p, state)
+        fused = self._use_kernels(group, p, state, plan.rank)
         grad = shards.view(self._grad(group, i, p))  # this rank's rows (m_local, n)
-        if refresh or not fused:  # the kernels read a half-precision gradient as it is
-            grad = grad.to(compute_dtype(p.dtype))
-        if refresh and not refresh_basis(group, plan, p, grad, state):
+        dtype = compute_dtype(p.dtype)
+        if refresh and not refresh_basis(group, plan, p, grad.to(dtype), state):
             return
         side = shards.view_side(plan.side)
-        dtype = compute_dtype(p.dtype)
-        basis = shards.basis_view(load_basis(state, group, plan, p, dtype), side, dtype)
+        operand = dtype if fused else operand_dtype(group, p)  # the kernels read a half gradient as it is
+        basis = shards.basis_view(load_basis(state, group, plan, p, dtype if fused else operand), side, operand)
         step = count_step(state)
         if fused:
             _fused_update(group, p, grad, basis, state, side, lr, step)
             return
         adam = AdamSettings.of(group)
-        low = project(grad, basis, side)
+        grad = grad.to(operand)
+        low = project(grad, basis, side).to(dtype)
         if "low_rank_grad" in state:  # earlier micro-batches, folded in by accumulate_low_rank_
             low.add_(state.pop("low_rank_grad"))
         if side == "left":
@@ -542,24 +544,26 @@ class SubspaceAdamW(Optimizer):
             denom = adam_denominator_(exp_avg, exp_avg_sq, low, step, adam=adam, out=reuse)
             direction = torch.div(exp_avg, denom, out=denom)
         weight = shards.view(p)
-        work = weight if weight.dtype == grad.dtype else weight.to(grad.dtype)
+        work = weight if weight.dtype == operand else weight.to(operand)
         self._write_update(group, work, SubspaceStep(grad, basis, side, low, direction, lr,
                                                       adam_step_size(lr, step, adam=adam), shards.all_reduce_), state)
         if work is not weight:
             weight.copy_(work)
 
     @staticmethod
-    def _use_kernels(group: dict, p: Tensor, state: dict) -> bool:
-        """The fused Triton step (``fused``: None = on CUDA when Triton is installed; True = also
-        on CPU tensors, which only the Triton interpreter runs) where it applies: a whole (not
-        sharded) float32/half matrix with 32-bit moments, a float basis, no low-rank accumulation."""
+    def _use_kernels(group: dict, p: Tensor, state: dict, rank: int) -> bool:
+        """The fused Triton step where it applies (a whole, not sharded, float32/half matrix with 32-bit
+        moments, a float basis, no low-rank accumulation): with ``fused=None`` on a GPU where
+        :data:`~lrtrain.kernels.dispatch.KERNELS_WIN` has them faster at this rank and a probe launch
+        worked; with True also on CPU tensors, which only the Triton interpreter runs."""
         choice = group["fused"]
         if choice is False or not kernels_cover(group):
             return False
         if isinstance(p, DTensor) or "low_rank_grad" in state or p.dtype == torch.float64:
             return False
         if choice is None:
-            return p.device.type == "cuda" and kernels_available()
+            return (p.device.type == "cuda" and kernels_available() and kernels_win(p.device, p.dtype, rank)
+                    and kernels_work(p.device))
         if p.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("fused=True with CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter, "
                                "set before Triton is imported); on a CPU use fused=None or False")
@@ -567,8 +571,15 @@ class SubspaceAdamW(Optimizer):
 
     @staticmethod
     def _write_update(group: dict, weight: Tensor, step: SubspaceStep, state: dict) -> None:
-        """W ← W - s·scale·back(N) - residual term, with decoupled decay before or after."""
+        """W ← W - s·scale·back(N) - residual term, with decoupled decay before or after. Half-precision
+        weights, updated in place, take the decay as the rule's ``keep`` (after·(before·W - u) =
+        before·after·W - after·u) and so round once, not once per factor."""
         before, after = decoupled_decay(step.lr, adam=AdamSettings.of(group))
+        if weight.dtype in (torch.float16, torch.bfloat16) and before * after != 1.0:
+            folded = dataclasses.replace(step, keep=before * after, step_size=step.step_size * after,
+                                         lr=step.lr * after)
+            RESIDUAL_RULES[group["residual"]].update_(weight, folded, group, state)
+            return
         if before != 1.0:
             weight.mul_(before)
         RESIDUAL_RULES[group["residual"]].update_(weight, step, group, state)
@@ -608,6 +619,13 @@ class SubspaceAdamW(Optimizer):
                 weight.copy_(work)
 
 
+def operand_dtype(group: dict, p: Tensor) -> torch.dtype:
+    """The dtype the torch path multiplies G, W and the basis in: a half-precision weight's own type
+    (products accumulate in float32, as galore-torch's) where the group's residual rule allows it,
+    else the compute dtype (float32 copies)."""
+    return p.dtype if RESIDUAL_RULES[group["residual"]].half_operands else compute_dtype(p.dtype)
+
+
 def count_step(state: dict) -> float:
     """Advance a subspace matrix's step count (and its staggered-refresh countdown); the new step."""
     if "refresh_in" in state:
@@ -634,11 +652,14 @@ def _fused_update(group: dict, weight: Tensor, grad: Tensor, basis: Tensor, stat
     from ..kernels.subspace_adam import project_adam, project_back_update_
 
     adam, rule = AdamSettings.of(group), RESIDUAL_RULES[group["residual"]]
+    grad_sq = (torch.empty(grad.shape[0 if side == "right" else 1], dtype=torch.float32, device=grad.device)
+               if rule.reads_norms else None)
     direction, low = project_adam(grad, basis, side, state["exp_avg"], state["exp_avg_sq"], beta1=adam.beta1,
                                   beta2=adam.beta2, eps=adam.eps,
-                                  denom_scale=1.0 / second_moment_divisor(step, adam=adam), return_low=rule.reads_low)
-    args = rule.kernel(SubspaceStep(grad, basis, side, low, direction, lr, adam_step_size(lr, step, adam=adam)),
-                       group, state)
+                                  denom_scale=1.0 / second_moment_divisor(step, adam=adam), return_low=rule.reads_low,
+                                  grad_sq_out=grad_sq)
+    args = rule.kernel(SubspaceStep(grad, basis, side, low, direction, lr, adam_step_size(lr, step, adam=adam),
+                                    grad_sq=grad_sq), group, state)
     # W ← keep·W - alpha·(...): the decay's factor, which also scales the update when it comes after it
     before, after = decoupled_decay(lr, adam=adam)
     args["alpha"], args["gamma"] = args["alpha"] * after, args["gamma"] * after

@@ -34,5 +34,5 @@ def test_captured_energy_orders_the_storages():
 def test_papers_tables_print(capsys):
     _script("memory_vs_papers").main()
     out = capsys.readouterr().out
-    assert "**GaLore Table 11" not in out and "| Table 11: 8-bit GaLore (rank 1024), layer-wise | 5.63 GB |" in out
-    assert out.count("| AdamW |") == 3  # GaLore's Tables 2 and 6, Fira's Table 3
+    assert "**GaLore Table 11** (LLaMA-1B, rank 512" in out and "| 8-bit GaLore, layer-wise | 5.63 GB |" in out
+    assert out.count("| AdamW |") == 4  # GaLore's Tables 2, 6 and 11, Fira's Table 3

@@ -38,6 +38,17 @@ def test_estimate_within_10_percent_of_measured_tiny_fp32(method):
     assert abs(guessed / measured - 1) < 0.10, (measured, guessed)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_estimate_follows_the_refresh_method(precision):
+    """The randomized refresh's sketches, in place of the SVD's factors, in the measured and estimated peaks
+    of layer-wise 8-bit GaLore (where one matrix's refresh is the largest step temporary)."""
+    args = _args(64, precision)
+    extra = ("optimizer.proj_method=randomized",)
+    measured = bench.measure("llama_tiny", "galore8bit_layerwise", args, extra)
+    guessed = bench.estimated("llama_tiny", "galore8bit_layerwise", args, proj_method="randomized")
+    assert abs(guessed / measured - 1) < 0.10, (measured, guessed)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["adamw", "galore8bit_layerwise"])
 def test_estimate_within_10_percent_of_measured_60m(method):
@@ -81,6 +92,8 @@ def test_galore_paper_7b_figures():
     37.92G less than BF16 Adam (59.9G); the paper's G are 10^9 bytes."""
     galore = estimate("llama_7b", method="galore", state_bits=8, layerwise=True, seq_len=256)["peak"]
     assert galore <= 22.0e9 and abs(galore / 22.0e9 - 1) < 0.10, galore / 1e9
+    int4 = estimate("llama_7b", method="galore", state_bits=8, layerwise=True, seq_len=256, basis_dtype="int4")
+    assert int4["peak"] < 20.0e9, int4["peak"] / 1e9
     # torch's AdamW with its per-tensor loop (device="cpu") and with CUDA's foreach update, which copies every
     # tensor at once (13.5 GB here), bracket the paper's BF16 Adam figure
     per_tensor = estimate("llama_7b", method="adamw", seq_len=256, device="cpu")["peak"]
@@ -89,17 +102,18 @@ def test_galore_paper_7b_figures():
     assert galore / per_tensor < 0.45
 
 
-@pytest.mark.parametrize("method, keys, paper_gb", [
-    ("adamw", {}, 13.60), ("adamw", {"layerwise": True}, 9.63),
-    ("galore", {"state_bits": 8, "rank": 1024}, 7.95), ("galore", {"state_bits": 8, "rank": 1024, "layerwise": True}, 5.63),
-])
-def test_galore_paper_table_11(method, keys, paper_gb):
-    """GaLore's Table 11 (LLaMA-1B, 256 tokens, one device): the AdamW and 8-bit GaLore rows within 10 %. The
-    GaLore rows match at rank 1024, the rank of the GaLore repository's 1B script (the paper's Table 2 says
-    512). Its 8-bit Adam rows (9.54G, 6.93G) are 15 % and 12 % above the estimate: README "Memory against
-    the papers"."""
-    peak = estimate("llama_1b", method=method, seq_len=256, **keys)["peak"]
-    assert abs(peak / (paper_gb * 1e9) - 1) < 0.10, peak / 1e9
+def test_galore_paper_table_11():
+    """GaLore's Table 11 (LLaMA-1B, rank 512, 256 tokens, one device): one constant C added to every row's
+    estimate (what a GPU process holds whatever the method; fitted, README "Memory against the papers")
+    brings all six within 10 % of the paper. Each method's own bytes must be right for a single C to fit
+    AdamW, 8-bit Adam and 8-bit GaLore, with and without layer-wise updates."""
+    papers = importlib.util.spec_from_file_location("memory_vs_papers", ROOT / "scripts" / "memory_vs_papers.py")
+    module = importlib.util.module_from_spec(papers)
+    papers.loader.exec_module(module)
+    constant, rows = module.table_11_fit()
+    assert 0.0 < constant < 1.5, constant  # a CUDA context and the allocator's reserve are below 1.5 GB
+    for label, paper, ours in rows:
+        assert abs((ours + constant) / paper - 1) < 0.10, (label, paper, ours, constant)
 
 
 def test_estimate_parts_add_up_and_scale():
@@ -132,6 +146,7 @@ def test_recipe_rank_matches_the_model_configs():
     (dict(state_bits=4), "state_bits must be 32 or 8"),
     (dict(method="sst", layerwise=True), "layerwise=True is modelled for lrtrain's optimizers"),
     (dict(basis_dtype="int2"), "basis_dtype must be one of"),
+    (dict(proj_method="blocks"), "proj_method must be one of"),
     (dict(micro_batch=0), "micro_batch must be a positive int"),
     (dict(device="mps"), "device must be cpu or cuda"),
 ])

@@ -70,8 +70,8 @@ class GroupOptions:
                  "(Q-GaLore's), dequantized where used, or only the seed of a random / gaussian basis, drawn "
                  "again at each use (as the APOLLO paper counts it)")
     fused: Literal[None, True, False] = _option(
-        None, "the Triton kernels: None for CUDA matrices when Triton is installed, True wherever they apply, "
-              "False never")
+        None, "the Triton kernels: None where a GPU benchmark measured them faster (none yet: the torch path), "
+              "True wherever they apply, False never")
     stagger_refresh: bool = _option(False, "spread the group's refreshes over the gap instead of all at once")
     scale_type: Literal["channel", "tensor"] = _option("channel", "APOLLO's φ: per row/column, or one for the "
                                                                   "matrix")

@@ -27,9 +27,9 @@ def per_row_or_column(coef: Tensor, side: str) -> Tensor:
 
 def fira_update_(
     weight: Tensor, grad: Tensor, low: Tensor, direction: Tensor, basis: Tensor, *, side: str, step_size: float,
-    scale: float, gamma: float | None, state: dict, reduce_: Callable[[Tensor], Tensor],
+    scale: float, gamma: float | None, state: dict, reduce_: Callable[[Tensor], Tensor], keep: float = 1.0,
 ) -> None:
-    """W ← W - s·(scale·back(N) + ℓ⁻¹·φ⊙(G - scale·back(R))), without a full-size temporary.
+    """W ← keep·W - s·(scale·back(N) + ℓ⁻¹·φ⊙(G - scale·back(R))), without a full-size temporary.
 
     With an orthonormal basis, row i (right side; column i on the left) of the residual obeys
     ‖g_i - α·back(R)_i‖² = ‖g_i‖² - (2α - α²)·‖R_i‖², which gives ‖S‖ for the limiter; and
@@ -40,20 +40,22 @@ def fira_update_(
     """
     coef = fira_coefficients(grad, low, direction, side=side, scale=scale, gamma=gamma, state=state, reduce_=reduce_)
     coef = per_row_or_column(coef, side)
-    add_project_back_(weight, (direction - coef * low).mul_(scale), basis, side, alpha=-step_size)
+    add_project_back_(weight, (direction - coef * low).mul_(scale), basis, side, alpha=-step_size, beta=keep)
     weight.addcmul_(coef, grad, value=-step_size)
 
 
 def fira_coefficients(
     grad: Tensor, low: Tensor, direction: Tensor, *, side: str, scale: float, gamma: float | None, state: dict,
-    reduce_: Callable[[Tensor], Tensor],
+    reduce_: Callable[[Tensor], Tensor], grad_sq: Tensor | None = None,
 ) -> Tensor:
     """Fira's c = φ/ℓ: per row of G (m,) on the right, per column (n,) on the left; updates the
     limiter state (``state["limiter_norm"]``, 0-d). ``grad`` may be stored in a half type: its
-    norms accumulate in R's dtype."""
+    norms accumulate in R's dtype. ``grad_sq``: those squared norms when the projection kernel
+    summed them already (then G is not read here)."""
     dim = 1 if side == "right" else 0  # reduce over the rank dimension of R and N
     phi = torch.linalg.vector_norm(direction, dim=dim) / (torch.linalg.vector_norm(low, dim=dim) + 1e-8)
-    residual_sq = torch.linalg.vector_norm(grad, dim=dim, dtype=low.dtype).square_()
+    residual_sq = (torch.linalg.vector_norm(grad, dim=dim, dtype=low.dtype).square_() if grad_sq is None
+                   else grad_sq.to(low.dtype, copy=True))
     if side == "left":
         reduce_(residual_sq)
     residual_sq.sub_(low.square().sum(dim=dim), alpha=2.0 * scale - scale * scale).clamp_(min=0.0)
@@ -132,8 +134,11 @@ class SubspaceStep:
     """What step 4 of the module docstring reads for one matrix, once Adam has run in its subspace:
     ``grad`` G (this rank's rows, (m, n)), the ``basis`` P and the ``side`` it projects, ``low`` R = down(G)
     and ``direction`` N = M/(√V+ε) ((r, n) on the right, (m, r) on the left), Adam's step size
-    ``step_size`` s = lr·√(1-β2ᵗ)/(1-β1ᵗ) (or its torch form), ``lr`` itself, and ``reduce_``, which sums a
-    tensor over the ranks that split G's rows (the identity in one process and in the fused path)."""
+    ``step_size`` s = lr·√(1-β2ᵗ)/(1-β1ᵗ) (or its torch form), ``lr`` itself, ``reduce_``, which sums a
+    tensor over the ranks that split G's rows (the identity in one process and in the fused path), and
+    ``keep``, W's factor in the update W ← keep·W - (update): the decoupled decay, folded into the first
+    product so that half-precision weights round once (1 when the caller applies the decay itself), and
+    ``grad_sq``, ‖G's rows‖² ((m,), right) or columns' ((n,), left) when the fused projection summed them."""
 
     grad: Tensor
     basis: Tensor
@@ -143,6 +148,8 @@ class SubspaceStep:
     lr: float
     step_size: float
     reduce_: Callable[[Tensor], Tensor] = identity
+    keep: float = 1.0
+    grad_sq: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -155,26 +162,36 @@ class ResidualRule:
     :func:`lrtrain.kernels.subspace_adam.project_back_update_`'s ``direction``, ``alpha``, ``residual``,
     ``gamma`` (and ``coef``/``low``) for the same update, or the rule has ``kernel=None`` and runs on the
     torch path only. ``reads_low``: R is read after the moment update (otherwise N may take R's memory);
-    ``orthonormal``: G - back(R) needs an orthonormal basis (APOLLO's Gaussian one is not)."""
+    ``reads_norms``: its kernel arguments need ‖G's rows‖² (columns' on the left), which the fused projection
+    sums as it reads G;
+    ``orthonormal``: G - back(R) needs an orthonormal basis (APOLLO's Gaussian one is not);
+    ``half_operands``: for half-precision weights the torch form updates W in place from G and the basis in
+    that type (products accumulate in float32), with no full-size float32 copy; otherwise (a residual
+    G - back(R) whose round-off matters) W, G and the basis are float32 copies."""
 
     update_: Callable[[Tensor, SubspaceStep, dict, dict], None]
     kernel: Callable[[SubspaceStep, dict, dict], dict] | None
     reads_low: bool = True
+    reads_norms: bool = False
     orthonormal: bool = True
+    half_operands: bool = True
 
 
 def _galore_update_(weight: Tensor, step: SubspaceStep, group: dict, state: dict) -> None:
-    add_project_back_(weight, step.direction, step.basis, step.side, alpha=-step.step_size * group["scale"])
+    add_project_back_(weight, step.direction, step.basis, step.side, alpha=-step.step_size * group["scale"],
+                      beta=step.keep)
 
 
 def _fira_update_(weight: Tensor, step: SubspaceStep, group: dict, state: dict) -> None:
     fira_update_(weight, step.grad, step.low, step.direction, step.basis, side=step.side, step_size=step.step_size,
-                 scale=group["scale"], gamma=group["limiter_gamma"], state=state, reduce_=step.reduce_)
+                 scale=group["scale"], gamma=group["limiter_gamma"], state=state, reduce_=step.reduce_, keep=step.keep)
 
 
 def _apollo_update_(weight: Tensor, step: SubspaceStep, group: dict, state: dict) -> None:
     coef = apollo_coefficients(step.grad, step.low, step.direction, side=step.side, scale_type=group["scale_type"],
                                gamma=group["limiter_gamma"], state=state, reduce_=step.reduce_)
+    if step.keep != 1.0:
+        weight.mul_(step.keep)
     weight.addcmul_(per_row_or_column(coef, step.side), step.grad, value=-step.step_size * math.sqrt(group["scale"]))
 
 
@@ -186,7 +203,7 @@ def _state_free_update_(weight: Tensor, step: SubspaceStep, group: dict, state: 
 
 def _fira_kernel(step: SubspaceStep, group: dict, state: dict) -> dict:
     coef = fira_coefficients(step.grad, step.low, step.direction, side=step.side, scale=group["scale"],
-                             gamma=group["limiter_gamma"], state=state, reduce_=identity)
+                             gamma=group["limiter_gamma"], state=state, reduce_=identity, grad_sq=step.grad_sq)
     direction = (step.direction - per_row_or_column(coef, step.side) * step.low).mul_(group["scale"])
     return dict(direction=direction, alpha=step.step_size, residual="fira", gamma=step.step_size, coef=coef)
 
@@ -201,8 +218,8 @@ def _state_free_kernel(step: SubspaceStep, group: dict, state: dict) -> dict:
 #: ``residual`` → its rule. A new rule is one entry here (and, to run fused, a kernel code).
 RESIDUAL_RULES: dict[str, ResidualRule] = {
     "none": ResidualRule(_galore_update_, _state_free_kernel, reads_low=False),
-    "fira": ResidualRule(_fira_update_, _fira_kernel),
+    "fira": ResidualRule(_fira_update_, _fira_kernel, reads_norms=True),
     "apollo": ResidualRule(_apollo_update_, None, orthonormal=False),
-    "sign_sgd": ResidualRule(_state_free_update_, _state_free_kernel),
-    "sgd": ResidualRule(_state_free_update_, _state_free_kernel),
+    "sign_sgd": ResidualRule(_state_free_update_, _state_free_kernel, half_operands=False),
+    "sgd": ResidualRule(_state_free_update_, _state_free_kernel, half_operands=False),
 }
