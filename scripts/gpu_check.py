@@ -12,8 +12,8 @@ Sections (GPU):
 3. the fused optimizer step against the torch path end to end: GaLore, Fira and FRUGAL on bf16 weights,
    layer-wise updates beside 8-bit plain groups, and a step on a side stream;
 4. timings of one steady step on LLaMA-1B/7B shapes at ranks 128-1024: lrtrain fused, lrtrain's torch path,
-   galore-torch, torch AdamW (fused and foreach), CUDA events over rotating gradients, medians, with the
-   products' TFLOP/s and the update's GB/s against the ceilings;
+   galore-torch, torch AdamW (fused and foreach), each stepping a layer's matrices of one shape together,
+   CUDA events over rotating gradients, medians, with the products' TFLOP/s against the bf16 ceiling;
 5. 20 harness steps of llama_60m in bf16: peak memory against ``lrtrain.memory.estimate``, and what the
    process holds beyond its tensors (the constant fitted to GaLore's Table 11 in the README).
 ``--compile-only`` prints one JSON line per variant: ``{"kernel", "variant", "arch", "regs", "spill_bytes",
@@ -206,60 +206,60 @@ def fused_against_torch_path(device: torch.device, shape: tuple[int, int], steps
 
 
 def _step_timer(make, grads, timed, rounds: int) -> float:
-    """Median seconds of ``opt.step()`` over ``rounds`` rounds, rotating through ``grads``."""
-    param, opt = make()
-    param.grad = grads[0].clone()
+    """Median seconds of ``opt.step()`` over ``rounds`` rounds, rotating through ``grads`` (one list per round)."""
+    params, opt = make()
+    for p, g in zip(params, grads[0]):
+        p.grad = g.clone()
     opt.step()  # state and the refresh, outside the timing
     seconds = []
     for i in range(rounds):
-        param.grad = grads[i % len(grads)]
+        for p, g in zip(params, grads[i % len(grads)]):
+            p.grad = g
         seconds.append(timed(opt.step))
     return statistics.median(seconds)
 
 
-def _lrtrain(w0, rank, fused):
-    p = torch.nn.Parameter(w0.clone())
-    group = {"params": [p], "rank": rank, "update_proj_gap": 10**9, "proj_method": "random"}
+def _lrtrain(weights, rank, fused):
     from lrtrain.optim import GaLoreAdamW
 
-    return p, GaLoreAdamW([group], lr=1e-3, fused=fused)
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    group = {"params": params, "rank": rank, "update_proj_gap": 10**9, "proj_method": "random"}
+    return params, GaLoreAdamW([group], lr=1e-3, fused=fused)
 
 
-def _galore_torch(module, w0, rank):
-    p = torch.nn.Parameter(w0.clone())
-    group = {"params": [p], "rank": rank, "update_proj_gap": 10**9, "scale": 0.25, "proj_type": "std"}
-    return p, module.GaLoreAdamW([group], lr=1e-3, no_deprecation_warning=True)
+def _galore_torch(module, weights, rank):
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    group = {"params": params, "rank": rank, "update_proj_gap": 10**9, "scale": 0.25, "proj_type": "std"}
+    return params, module.GaLoreAdamW([group], lr=1e-3, no_deprecation_warning=True)
 
 
-def _adamw(w0, style):
-    p = torch.nn.Parameter(w0.clone())
-    return p, torch.optim.AdamW([p], lr=1e-3, **{style: True})
+def _adamw(weights, style):
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    return params, torch.optim.AdamW(params, lr=1e-3, **{style: True})
 
 
-def timings(device: torch.device, cases: list[tuple[str, tuple[int, int], int]], rounds: int,
-            limits: dict[str, float]) -> list[dict]:
-    """Section 4: steady-step medians per (model, shape, rank) for every optimizer; ratios to galore-torch."""
+def timings(device: torch.device, cases: list[tuple[str, tuple[int, int], int, int]], rounds: int) -> list[dict]:
+    """Section 4: steady-step medians per (model, shape, matrices of that shape in a layer, rank) for every
+    optimizer, each stepping the layer's matrices of that shape together (lrtrain's fused step groups them)."""
     try:
         import galore_torch
     except ImportError:
         galore_torch = None
     timed, rows = timer(device), []
-    for model, shape, rank in cases:
-        grads = [torch.randn(*shape, device=device).to(torch.bfloat16) for _ in range(3)]
-        w0 = torch.randn(*shape, device=device).to(torch.bfloat16)
-
-        makers = {"lrtrain fused": functools.partial(_lrtrain, w0, rank, True),
-                  "lrtrain torch path": functools.partial(_lrtrain, w0, rank, False)}
+    for model, shape, count, rank in cases:
+        grads = [[torch.randn(*shape, device=device).to(torch.bfloat16) for _ in range(count)] for _ in range(3)]
+        weights = [torch.randn(*shape, device=device).to(torch.bfloat16) for _ in range(count)]
+        makers = {"lrtrain fused": functools.partial(_lrtrain, weights, rank, True),
+                  "lrtrain torch path": functools.partial(_lrtrain, weights, rank, False)}
         if galore_torch is not None:
-            makers["galore-torch"] = functools.partial(_galore_torch, galore_torch, w0, rank)
+            makers["galore-torch"] = functools.partial(_galore_torch, galore_torch, weights, rank)
         for style in ("fused", "foreach") if device.type == "cuda" else ("foreach",):
-            makers[f"torch AdamW {style}"] = functools.partial(_adamw, w0, style)
-        row = {"model": model, "shape": shape, "rank": rank}
+            makers[f"torch AdamW {style}"] = functools.partial(_adamw, weights, style)
+        row = {"model": model, "shape": shape, "count": count, "rank": rank}
         for name, make in makers.items():
             row[name] = _step_timer(make, grads, timed, rounds)
         m, n = shape
-        row["flops"] = 2 * 2 * m * n * rank  # the projection and the back-projection
-        row["update_bytes"] = 2 * 2 * m * n + 2 * m * n  # W read and written, G read (bf16)
+        row["flops"] = count * 2 * 2 * m * n * rank  # the projection and the back-projection
         rows.append(row)
     return rows
 
@@ -314,15 +314,18 @@ def main() -> int:
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("--smoke runs the kernels under Triton's interpreter: set TRITON_INTERPRET=1")
         device, rounds = torch.device("cpu"), 2
-        shapes, step_shape, cases, size = [(37, 29, 5)], (40, 24), [("smoke", (48, 40), 8)], 64
+        shapes, step_shape, cases, size = [(37, 29, 5)], (40, 24), [("smoke", (48, 40), 2, 8)], 64
     else:
         if not torch.cuda.is_available():
             raise SystemExit("gpu_check.py needs a GPU (--compile-only and --smoke run without one)")
         device, rounds = torch.device("cuda"), args.rounds
         shapes, step_shape, size = [(517, 389, 61), (1000, 3001, 128), (2049, 777, 256)], (1000, 2736), 8192
         from lrtrain.models.llama import linear_shapes
-        cases = [(model, shape, rank) for model in ("llama_1b", "llama_7b")
-                 for shape in dict.fromkeys(linear_shapes(model, layers=1)) for rank in (128, 256, 512, 1024)]
+        cases = []
+        for model in ("llama_1b", "llama_7b"):
+            layer = linear_shapes(model, layers=1)
+            cases += [(model, shape, layer.count(shape), rank) for shape in dict.fromkeys(layer)
+                      for rank in (128, 256, 512, 1024)]
     started = time.time()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
     import triton
@@ -334,22 +337,22 @@ def main() -> int:
     precisions, dtypes = (("bf16",), (torch.bfloat16,)) if args.smoke else (PRECISIONS, (torch.float32, torch.bfloat16))
     failures = kernels_against_float64(device, shapes, precisions, dtypes)
     print(f"kernels against float64: {len(failures)} failures", *failures[:20], sep="\n", flush=True)
-    end_to_end = fused_against_torch_path(device, step_shape, steps=5)
+    end_to_end = fused_against_torch_path(device, step_shape, steps=2 if args.smoke else 5)
     print(f"fused against the torch path: {len(end_to_end)} failures", *end_to_end, sep="\n", flush=True)
-    rows = timings(device, cases, rounds, limits)
-    memory = harness_memory(device, "llama_tiny" if args.smoke else "llama_60m", 3 if args.smoke else 20,
+    rows = timings(device, cases, rounds)
+    memory = harness_memory(device, "llama_tiny" if args.smoke else "llama_60m", 2 if args.smoke else 20,
                             32 if args.smoke else 256)
-    names = [key for key in rows[0] if key not in ("model", "shape", "rank", "flops", "update_bytes")]
-    print(f"\n{name}, bf16 weights, one steady GaLore step (rank r, random basis), medians of {rounds} rounds; "
-          f"{time.time() - started:.0f} s in all\n")
-    print("| model | shape | rank | " + " | ".join(f"{n} (ms)" for n in names)
+    names = [key for key in rows[0] if key not in ("model", "shape", "count", "rank", "flops")]
+    print(f"\n{name}, bf16 weights, one steady GaLore step of a layer's matrices of each shape (rank r, random "
+          f"basis), medians of {rounds} rounds; {time.time() - started:.0f} s in all\n")
+    print("| model | shape × matrices | rank | " + " | ".join(f"{n} (ms)" for n in names)
           + " | fused / galore-torch | fused TFLOP/s (% of bf16) | torch path / fused |")
     print("|---|---|---:|" + "---:|" * (len(names) + 3))
     for row in rows:
         fused = row["lrtrain fused"]
         versus = f"{fused / row['galore-torch']:.2f}" if "galore-torch" in row else "-"
         tflops = row["flops"] / fused
-        print(f"| {row['model']} | {row['shape'][0]}x{row['shape'][1]} | {row['rank']} | "
+        print(f"| {row['model']} | {row['shape'][0]}x{row['shape'][1]} × {row['count']} | {row['rank']} | "
               + " | ".join(f"{1e3 * row[n]:.3f}" for n in names)
               + f" | {versus} | {tflops / 1e12:.1f} ({100 * tflops / limits['bf16_flops']:.0f} %) | "
               f"{row['lrtrain torch path'] / fused:.2f} |")

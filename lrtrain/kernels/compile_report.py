@@ -8,11 +8,13 @@ tensor cores (HGMMA / HMMA instructions)."""
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import os
 import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 import triton
@@ -33,8 +35,9 @@ class Variant:
     kernel: str
     precision: str
     side: str
-    residual: str  # "-" for project_adam; "low" when it also stores R
+    residual: str  # project_adam: its outputs ("-": N; "low": N and R; "low+norms": also G's norms)
     tile: str
+    grouped: bool  # the launch over a bucket's other matrices, reading their offsets from a table
     default: bool  # launched by the fused path for bf16 weights (with torch's default float32 precision)
 
 
@@ -71,9 +74,9 @@ def _signature(fn, pointer_types: dict[str, str], constexprs: dict) -> tuple[dic
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = pointer_types.get(name, "*fp32")
+            signature[name] = "*i64" if name == "offsets_ptr" else pointer_types.get(name, "*fp32")
             attrs[(index,)] = [["tt.divisibility", 16]]
-        elif name in ("M", "N", "K") or name.startswith("stride"):
+        elif name in ("M", "N", "K", "count") or name.startswith("stride"):
             signature[name] = "i32"
         else:
             signature[name] = "fp32"
@@ -81,7 +84,8 @@ def _signature(fn, pointer_types: dict[str, str], constexprs: dict) -> tuple[dic
 
 
 def variants() -> Iterator[tuple[Variant, object, dict[str, str], dict, triton.Config]]:
-    """(variant, kernel, pointer types, constexprs, tile) for every form the fused path can launch."""
+    """(variant, kernel's name in :mod:`~lrtrain.kernels.subspace_adam`, pointer types, constexprs, tile) for
+    every form the fused path can launch."""
     for precision in kernels.PRECISIONS:
         operand = _TYPES.get(precision, "*fp32")  # the weights' and gradient's type for this precision
         default = precision == "bf16"
@@ -91,22 +95,23 @@ def variants() -> Iterator[tuple[Variant, object, dict[str, str], dict, triton.C
             types = {"a_ptr": operand, "b_ptr": operand, "exp_avg_ptr": operand, "exp_avg_sq_ptr": operand}
             # what the rules ask for: N (GaLore), N and R (FRUGAL), N, R and G's norms (Fira)
             outputs = {"-": (False, 0), "low": (True, 0), "low+norms": (True, 1 if side == "right" else 2)}
-            for (label, (store_low, norms)), tile in itertools.product(outputs.items(),
-                                                                       kernels.tiles("project_adam", precision)):
-                constexprs = {"STORE_LOW": store_low, "NORMS": norms, "PRECISION": precision, "INTERPRETED": False}
-                yield (Variant("project_adam", precision, side, label, _tile_name(tile), default),
-                       kernels._project_adam_kernel, types, constexprs, tile)
+            for (label, (store_low, norms)), grouped, tile in itertools.product(
+                    outputs.items(), (True, False), kernels.tiles("project_adam", precision)):
+                constexprs = {"STORE_LOW": store_low, "NORMS": norms, "PRECISION": precision, "INTERPRETED": False,
+                              "GROUPED": grouped}
+                yield (Variant("project_adam", precision, side, label, _tile_name(tile), grouped, default),
+                       "_project_adam_kernel", types, constexprs, tile)
             # project_back_update_: D·Q (a = D float32, b = Q) on the right, P·D (a = P, b = D) on the left
             right = side == "right"
             types = {"w_ptr": operand, "g_ptr": operand, "a_ptr": "*fp32" if right else operand,
                      "b_ptr": operand if right else "*fp32", "a2_ptr": "*fp32" if right else operand,
                      "b2_ptr": operand if right else "*fp32"}
-            for residual, code in kernels.RESIDUAL_CODES.items():
+            for (residual, code), grouped in itertools.product(kernels.RESIDUAL_CODES.items(), (True, False)):
                 for tile in kernels.tiles("project_back_update", precision, residual):
                     constexprs = {"RESIDUAL": code, "COEF_ON_ROWS": right, "PRECISION": precision,
-                                  "INTERPRETED": False}
-                    yield (Variant("project_back_update", precision, side, residual, _tile_name(tile), default),
-                           kernels._project_back_update_kernel, types, constexprs, tile)
+                                  "INTERPRETED": False, "GROUPED": grouped}
+                    yield (Variant("project_back_update", precision, side, residual, _tile_name(tile), grouped,
+                                   default), "_project_back_update_kernel", types, constexprs, tile)
 
 
 def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
@@ -143,19 +148,27 @@ def compile_variant(variant: Variant, kernel, pointer_types: dict, constexprs: d
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": tile.num_warps, "num_stages": tile.num_stages})
     regs, spills = _ptxas_usage(compiled.asm["ptx"], arch)
-    name = f"{variant.precision}/{variant.side}/{variant.residual}/{variant.tile}"
+    name = "/".join((variant.precision, variant.side, variant.residual, variant.tile)
+                    + (("grouped",) if variant.grouped else ()))
     return Report(variant.kernel, name, f"sm_{arch}", regs, spills, _uses_tensor_cores(compiled.asm["cubin"]),
                   variant.default)
 
 
 def compile_report(arch: int = 90, only_default: bool = False, first_tile: bool = False) -> list[dict]:
-    """Every variant's report as a dict (``only_default``: the bf16 variants only; ``first_tile``: one
-    autotuner tile per variant, a quick check)."""
-    reports, seen = [], set()
+    """Every variant's report as a dict (``only_default``: the bf16 variants only; ``first_tile``: one form
+    per variant, a quick check: the grouped launch, a superset of the single one's code, at the first tile)."""
+    chosen, seen = [], set()
     for variant, *rest in variants():
         key = (variant.kernel, variant.precision, variant.side, variant.residual)
         if (only_default and not variant.default) or (first_tile and key in seen):
             continue
         seen.add(key)
-        reports.append(asdict(compile_variant(variant, *rest, arch=arch)))
-    return reports
+        chosen.append((variant, *rest))
+    # one compile per process (Triton's compiler and ptxas are single-threaded)
+    with ProcessPoolExecutor(max_workers=os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
+        return [asdict(report) for report in pool.map(_compile_one, [(c, arch) for c in chosen])]
+
+
+def _compile_one(job: tuple) -> Report:
+    (variant, kernel_name, pointer_types, constexprs, tile), arch = job
+    return compile_variant(variant, getattr(kernels, kernel_name), pointer_types, constexprs, tile, arch=arch)

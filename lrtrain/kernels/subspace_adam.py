@@ -21,6 +21,11 @@ whatever the precision. Every scalar (β1, β2, ε, c, keep, α, γ) is a runtim
 or step never recompiles. Offsets are 64-bit. On a GPU the tiles are autotuned per shape (the in-place
 outputs restored between trials); Triton's interpreter (CPU tests) runs one small tile.
 
+``project_adam_grouped`` / ``project_back_update_grouped_`` step a group of matrices of one layout in one
+launch: program_id(2) picks the matrix, whose pointers are the first matrix's moved by element offsets from
+a small table. On a GPU the first matrix runs through the autotuner alone (its restore covers only the
+tensors it names) and the others follow in one launch with the tile it chose.
+
 The engine's torch path (``lrtrain.optim.subspace``) is the reference these kernels are tested against;
 it also serves every case they do not cover (CPU tensors, 8-bit moments, coordinate bases, sharded
 matrices).
@@ -108,14 +113,29 @@ def _operand_tiles(a_ptr, b_ptr, row0, col0, rows, cols, inner, stride_am, strid
 
 
 @triton.jit
+def _matrix(ptr, offsets_ptr, operand: tl.constexpr, count, GROUPED: tl.constexpr):
+    """``ptr`` moved to this program's matrix of a group: by the element offset in row ``operand`` of the
+    (operands, count) table, column program_id(2) (the first matrix is ``ptr`` itself)."""
+    if GROUPED:
+        return ptr + tl.load(offsets_ptr + operand * count + tl.program_id(2))
+    return ptr
+
+
+@triton.jit
 def _project_adam_kernel(
-    a_ptr, b_ptr, exp_avg_ptr, exp_avg_sq_ptr, direction_ptr, low_ptr, norms_ptr,
-    M, N, K,
+    a_ptr, b_ptr, exp_avg_ptr, exp_avg_sq_ptr, direction_ptr, low_ptr, norms_ptr, offsets_ptr,
+    M, N, K, count,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     beta1, beta2, eps, denom_scale,
     STORE_LOW: tl.constexpr, NORMS: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    a_ptr, b_ptr = _matrix(a_ptr, offsets_ptr, 0, count, GROUPED), _matrix(b_ptr, offsets_ptr, 1, count, GROUPED)
+    exp_avg_ptr = _matrix(exp_avg_ptr, offsets_ptr, 2, count, GROUPED)
+    exp_avg_sq_ptr = _matrix(exp_avg_sq_ptr, offsets_ptr, 3, count, GROUPED)
+    direction_ptr = _matrix(direction_ptr, offsets_ptr, 4, count, GROUPED)
+    low_ptr = _matrix(low_ptr, offsets_ptr, 5, count, GROUPED)
+    norms_ptr = _matrix(norms_ptr, offsets_ptr, 6, count, GROUPED)
     row0, col0, rows, cols, inner, row_ok, col_ok = _tile(M, N, BLOCK_M, BLOCK_N, BLOCK_K)
     a_tile, b_tile = _operand_tiles(a_ptr, b_ptr, row0, col0, rows, cols, inner, stride_am, stride_ak, stride_bk,
                                     stride_bn)
@@ -154,14 +174,18 @@ def _project_adam_kernel(
 
 @triton.jit
 def _project_back_update_kernel(
-    w_ptr, a_ptr, b_ptr, a2_ptr, b2_ptr, g_ptr, coef_ptr,
-    M, N, K,
+    w_ptr, a_ptr, b_ptr, a2_ptr, b2_ptr, g_ptr, coef_ptr, offsets_ptr,
+    M, N, K, count,
     stride_wm, stride_wn, stride_am, stride_ak, stride_bk, stride_bn,
     stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_gm, stride_gn,
     keep, alpha, gamma,
     RESIDUAL: tl.constexpr, COEF_ON_ROWS: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    w_ptr, a_ptr = _matrix(w_ptr, offsets_ptr, 0, count, GROUPED), _matrix(a_ptr, offsets_ptr, 1, count, GROUPED)
+    b_ptr, a2_ptr = _matrix(b_ptr, offsets_ptr, 2, count, GROUPED), _matrix(a2_ptr, offsets_ptr, 3, count, GROUPED)
+    b2_ptr, g_ptr = _matrix(b2_ptr, offsets_ptr, 4, count, GROUPED), _matrix(g_ptr, offsets_ptr, 5, count, GROUPED)
+    coef_ptr = _matrix(coef_ptr, offsets_ptr, 6, count, GROUPED)
     row0, col0, rows, cols, inner, row_ok, col_ok = _tile(M, N, BLOCK_M, BLOCK_N, BLOCK_K)
     a_tile, b_tile = _operand_tiles(a_ptr, b_ptr, row0, col0, rows, cols, inner, stride_am, stride_ak, stride_bk,
                                     stride_bn)
@@ -213,20 +237,56 @@ _TUNED = {
 }
 
 
-def _launch(name: str, precision: str, residual: str, device: torch.device, rows: int, cols: int, *args,
-            **constexprs) -> None:
-    """Launch kernel ``name`` over an (m, n) output: autotuned tiles on ``device``'s GPU (under a device
-    guard, so a tensor on cuda:N launches there), the interpreter's tile on a CPU."""
+def _element_offsets(operands: list[list[Tensor]], device: torch.device) -> Tensor:
+    """The (operands, count) int64 table of each tensor's element offset from its operand's first tensor."""
+    table = []
+    for tensors in operands:
+        base, size = tensors[0].data_ptr(), tensors[0].element_size()
+        table.append([(t.data_ptr() - base) // size for t in tensors])
+    return torch.tensor(table, dtype=torch.int64, device=device)
+
+
+def _check_group(**operands: list[Tensor | None]) -> None:
+    """A group's matrices share each operand's shape, strides and dtype (one compiled kernel serves them)."""
+    for name, tensors in operands.items():
+        first = tensors[0]
+        if first is None:
+            continue
+        for t in tensors[1:]:
+            if (t.shape, t.stride(), t.dtype, t.device) != (first.shape, first.stride(), first.dtype, first.device):
+                raise ValueError(f"a group's {name} tensors must share shape, strides, dtype and device; got "
+                                 f"{tuple(first.shape)} {first.dtype} and {tuple(t.shape)} {t.dtype}")
+
+
+def _launch(name: str, precision: str, residual: str, operands: list[list[Tensor]], sizes: tuple[int, int, int],
+            rest: tuple, **constexprs) -> None:
+    """Launch kernel ``name`` over (m, n) outputs, one per matrix of a group: ``operands`` holds each pointer
+    argument's tensors, one per matrix; ``sizes`` (M, N, K); ``rest`` the strides and scalars. On a GPU (under
+    a device guard, so tensors on cuda:N launch there) the first matrix runs through the autotuner and the
+    others in one more launch with the tile it chose; on a CPU the interpreter runs them all at once."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    kernel, count = _KERNELS[name][0], len(operands[0])
+    device, (rows, cols, _) = operands[0][0].device, sizes
+    firsts = [tensors[0] for tensors in operands]
     if device.type != "cuda":
-        grid = (triton.cdiv(rows, INTERPRETER_TILE["BLOCK_M"]), triton.cdiv(cols, INTERPRETER_TILE["BLOCK_N"]))
-        _KERNELS[name][0][grid](*args, PRECISION=precision, INTERPRETED=True, **constexprs, **INTERPRETER_TILE)
+        grid = (triton.cdiv(rows, INTERPRETER_TILE["BLOCK_M"]), triton.cdiv(cols, INTERPRETER_TILE["BLOCK_N"]), count)
+        offsets = _element_offsets(operands, device) if count > 1 else firsts[0]
+        kernel[grid](*firsts, offsets, *sizes, count, *rest, PRECISION=precision, INTERPRETED=True,
+                     GROUPED=count > 1, **constexprs, **INTERPRETER_TILE)
         return
     with torch.cuda.device(device):
-        _TUNED[name, precision, residual][
-            lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]))
-        ](*args, PRECISION=precision, INTERPRETED=False, **constexprs)
+        tuned = _TUNED[name, precision, residual]
+        tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]), 1)](
+            *firsts, firsts[0], *sizes, 1, *rest, PRECISION=precision, INTERPRETED=False, GROUPED=False,
+            **constexprs)
+        if count == 1:
+            return
+        tile = tuned.best_config
+        others = [tensors[1:] for tensors in operands]
+        grid = (triton.cdiv(rows, tile.kwargs["BLOCK_M"]), triton.cdiv(cols, tile.kwargs["BLOCK_N"]), count - 1)
+        kernel[grid](*(tensors[0] for tensors in others), _element_offsets(others, device), *sizes, count - 1,
+                     *rest, PRECISION=precision, INTERPRETED=False, GROUPED=True, **constexprs, **tile.all_kwargs())
 
 
 def project_adam(grad: Tensor, basis: Tensor, side: str, exp_avg: Tensor, exp_avg_sq: Tensor, *,
@@ -240,24 +300,44 @@ def project_adam(grad: Tensor, basis: Tensor, side: str, exp_avg: Tensor, exp_av
     stored, and, with ``return_low``, R (float32, the low-rank shape). ``precision``: the products'
     (:data:`PRECISIONS`; default :func:`default_precision` of ``grad``'s dtype). ``grad_sq_out`` (float32,
     (m,) on the right, (n,) on the left) receives ‖G's rows‖² (columns on the left), summed in float32 from
-    the tiles the product reads, for Fira's and APOLLO's coefficients.
+    the tiles the product reads, for Fira's coefficients.
     """
-    a, b = (grad, basis.T) if side == "right" else (basis.T, grad)
+    directions, lows = project_adam_grouped(
+        [grad], [basis], side, [exp_avg], [exp_avg_sq], beta1=beta1, beta2=beta2, eps=eps, denom_scale=denom_scale,
+        return_low=return_low, precision=precision, grad_sq_outs=None if grad_sq_out is None else [grad_sq_out])
+    return directions[0], (lows[0] if return_low else None)
+
+
+def project_adam_grouped(grads: list[Tensor], bases: list[Tensor], side: str, exp_avgs: list[Tensor],
+                         exp_avg_sqs: list[Tensor], *, beta1: float, beta2: float, eps: float,
+                         denom_scale: float = 1.0, return_low: bool = False, precision: str | None = None,
+                         grad_sq_outs: list[Tensor] | None = None) -> tuple[list[Tensor], list[Tensor] | None]:
+    """:func:`project_adam` for a group of matrices of one shape, side and dtypes with the same Adam scalars,
+    in one launch (two on a GPU: the first matrix tunes the tile). Returns the lists of N (and R)."""
+    _check_group(grad=grads, basis=bases, exp_avg=exp_avgs, exp_avg_sq=exp_avg_sqs,
+                 grad_sq_out=grad_sq_outs or [None])
+    grad, exp_avg = grads[0], exp_avgs[0]
+    pairs = [(g, q.T) if side == "right" else (q.T, g) for g, q in zip(grads, bases)]
+    a, b = pairs[0]
     rows, cols = a.shape[0], b.shape[1]
-    if exp_avg.shape != (rows, cols) or not (exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()):
+    if exp_avg.shape != (rows, cols) or not (exp_avg.is_contiguous() and exp_avg_sqs[0].is_contiguous()):
         raise ValueError(f"moments must be contiguous {(rows, cols)} tensors; got {tuple(exp_avg.shape)}")
-    direction = torch.empty(exp_avg.shape, dtype=torch.float32, device=exp_avg.device)
-    low = torch.empty_like(direction) if return_low else direction
-    if grad_sq_out is not None and grad_sq_out.shape != (grad.shape[0 if side == "right" else 1],):
+    if grad_sq_outs is not None and grad_sq_outs[0].shape != (grad.shape[0 if side == "right" else 1],):
         raise ValueError(f"grad_sq_out must have G's {'rows' if side == 'right' else 'columns'}; "
-                         f"got {tuple(grad_sq_out.shape)}")
-    norms = 0 if grad_sq_out is None else 1 if side == "right" else 2
-    _launch("project_adam", precision or default_precision(grad.dtype), "none", grad.device, rows, cols,
-            a, b, exp_avg, exp_avg_sq, direction, low, direction if grad_sq_out is None else grad_sq_out,
-            rows, cols, a.shape[1],
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), exp_avg.stride(0), exp_avg.stride(1),
-            beta1, beta2, eps, denom_scale, STORE_LOW=return_low, NORMS=norms)
-    return direction, (low if return_low else None)
+                         f"got {tuple(grad_sq_outs[0].shape)}")
+    count = len(grads)
+    def outputs() -> list[Tensor]:  # one (count, rows, cols) buffer, a view per matrix
+        return list(torch.empty((count, rows, cols), dtype=torch.float32, device=exp_avg.device).unbind(0))
+
+    directions = outputs()
+    lows = outputs() if return_low else directions
+    norms = 0 if grad_sq_outs is None else 1 if side == "right" else 2
+    _launch("project_adam", precision or default_precision(grad.dtype), "none",
+            [[p[0] for p in pairs], [p[1] for p in pairs], exp_avgs, exp_avg_sqs, directions, lows,
+             grad_sq_outs or directions], (rows, cols, a.shape[1]),
+            (a.stride(0), a.stride(1), b.stride(0), b.stride(1), exp_avg.stride(0), exp_avg.stride(1),
+             beta1, beta2, eps, denom_scale), STORE_LOW=return_low, NORMS=norms)
+    return directions, (lows if return_low else None)
 
 
 def project_back_update_(weight: Tensor, direction: Tensor, basis: Tensor, side: str, *, keep: float, alpha: float,
@@ -270,19 +350,34 @@ def project_back_update_(weight: Tensor, direction: Tensor, basis: Tensor, side:
     the right or (n,) on the left by "fira" (its coefficients) and "sign_sgd" (the round-off floor
     below which a residual entry counts as 0), ``low`` (R) by "sign_sgd" and "sgd". ``precision``: of
     back(D) (:data:`PRECISIONS`; default :func:`default_precision` of ``weight``'s dtype)."""
+    project_back_update_grouped_([weight], [direction], [basis], side, keep=keep, alpha=alpha, residual=residual,
+                                 gamma=gamma, grads=[grad], coefs=[coef], lows=[low], precision=precision)
+    return weight
+
+
+def project_back_update_grouped_(weights: list[Tensor], directions: list[Tensor], bases: list[Tensor], side: str, *,
+                                 keep: float, alpha: float, residual: str = "none", gamma: float = 0.0,
+                                 grads: list[Tensor | None] | None = None, coefs: list[Tensor | None] | None = None,
+                                 lows: list[Tensor | None] | None = None, precision: str | None = None) -> None:
+    """:func:`project_back_update_` for a group of matrices of one shape, side and dtypes with the same
+    scalars, in one launch (two on a GPU: the first matrix tunes the tile)."""
+    count = len(weights)
+    grads, coefs, lows = (x if x is not None else [None] * count for x in (grads, coefs, lows))
     code = RESIDUAL_CODES[residual]
     needs = {0: (), 1: ("grad", "coef"), 2: ("grad", "coef", "low"), 3: ("grad", "low")}[code]
-    given = {"grad": grad, "coef": coef, "low": low}
+    given = {"grad": grads[0], "coef": coefs[0], "low": lows[0]}
     if any(given[name] is None for name in needs):
         raise ValueError(f"residual={residual!r} needs {', '.join(needs)}")
-    a, b = (direction, basis) if side == "right" else (basis, direction)
-    a2, b2 = (a, b) if low is None else (low, basis) if side == "right" else (basis, low)
-    g = grad if grad is not None else weight
+    _check_group(weight=weights, direction=directions, basis=bases, grad=grads, coef=coefs, low=lows)
+    pairs = [(d, q) if side == "right" else (q, d) for d, q in zip(directions, bases)]
+    second = [pair if r is None else (r, q) if side == "right" else (q, r) for pair, r, q in zip(pairs, lows, bases)]
+    gs = [g if g is not None else w for g, w in zip(grads, weights)]
+    cs = [c if c is not None else w for c, w in zip(coefs, weights)]
+    weight, (a, b), (a2, b2), g = weights[0], pairs[0], second[0], gs[0]
     rows, cols = weight.shape
-    _launch("project_back_update", precision or default_precision(weight.dtype), residual, weight.device, rows,
-            cols,
-            weight, a, b, a2, b2, g, coef if coef is not None else weight, rows, cols, a.shape[1],
-            weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), g.stride(0), g.stride(1),
-            keep, alpha, gamma, RESIDUAL=code, COEF_ON_ROWS=side == "right")
-    return weight
+    _launch("project_back_update", precision or default_precision(weight.dtype), residual,
+            [weights, [p[0] for p in pairs], [p[1] for p in pairs], [p[0] for p in second], [p[1] for p in second],
+             gs, cs], (rows, cols, a.shape[1]),
+            (weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+             a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), g.stride(0), g.stride(1), keep, alpha, gamma),
+            RESIDUAL=code, COEF_ON_ROWS=side == "right")

@@ -348,9 +348,10 @@ class SubspaceAdamW(Optimizer):
             if is_projected(group) and group["proj_method"] == "blocks":
                 self._block_step(group, first_index)
             else:
-                for i, p in enumerate(group["params"]):
-                    if p.grad is not None:
-                        self._step_param(group, i, first_index + i, p)
+                stepped = [self._step_param(group, i, first_index + i, p)
+                           for i, p in enumerate(group["params"]) if p.grad is not None]
+                if fused := [matrix for matrix in stepped if matrix is not None]:
+                    _fused_updates(group, fused)
             first_index += len(group["params"])
 
     def _allocating_only(self) -> bool:
@@ -402,8 +403,8 @@ class SubspaceAdamW(Optimizer):
         group, i, index = self._locate(p)
         if is_projected(group) and group["proj_method"] == "blocks":
             raise ValueError("proj_method='blocks' reselects whole tensors per group; it has no per-parameter step")
-        if p.grad is not None:
-            self._step_param(group, i, index, p)
+        if p.grad is not None and (matrix := self._step_param(group, i, index, p)) is not None:
+            _fused_updates(group, [matrix])
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -442,13 +443,15 @@ class SubspaceAdamW(Optimizer):
         g, i, index = self._positions[key]
         return self.param_groups[g], i, index
 
-    def _step_param(self, group: dict, i: int, index: int, p: Tensor) -> None:
+    def _step_param(self, group: dict, i: int, index: int, p: Tensor) -> FusedMatrix | None:
+        """Step ``p`` on the torch path, or return the matrix for the fused kernels to step with its group's."""
         if group["inner"] == "adafactor":
             self._adafactor_param(group, i, index, p)
         elif is_projected(group):
-            self._subspace_param(group, i, index, p)
+            return self._subspace_param(group, i, index, p)
         else:
             self._dense_param(group, i, p)
+        return None
 
     def _grad(self, group: dict, index: int, p: Tensor) -> Tensor:
         grad = p.grad
@@ -511,7 +514,7 @@ class SubspaceAdamW(Optimizer):
         if work is not p:
             p.copy_(work)
 
-    def _subspace_param(self, group: dict, i: int, index: int, p: Tensor) -> None:
+    def _subspace_param(self, group: dict, i: int, index: int, p: Tensor) -> FusedMatrix | None:
         lr = float(group["lr"])
         plan = self._plan(group, i, index, p)
         shards = plan.shards
@@ -529,8 +532,7 @@ class SubspaceAdamW(Optimizer):
         basis = shards.basis_view(load_basis(state, group, plan, p, dtype if fused else operand), side, operand)
         step = count_step(state)
         if fused:
-            _fused_update(group, p, grad, basis, state, side, lr, step)
-            return
+            return FusedMatrix(p, grad, basis, state, side, step)
         adam = AdamSettings.of(group)
         grad = grad.to(operand)
         low = project(grad, basis, side).to(dtype)
@@ -644,26 +646,54 @@ def refresh_due(group: dict, state: dict) -> bool:
     return int(state["step"]) % group["update_proj_gap"] == 0
 
 
-def _fused_update(group: dict, weight: Tensor, grad: Tensor, basis: Tensor, state: dict, side: str, lr: float,
-                  step: float) -> None:
-    """Steps 2-5 of the module docstring in two Triton kernels (:mod:`lrtrain.kernels.subspace_adam`):
-    the projection with the moment update, then the back-projection with the residual rule and
-    the decay, written into ``weight`` in its own dtype."""
-    from ..kernels.subspace_adam import project_adam, project_back_update_
+@dataclasses.dataclass(frozen=True)
+class FusedMatrix:
+    """A matrix whose step the fused kernels take (``weight`` in place, ``grad`` G, the ``basis`` and ``side``
+    it projects, its ``state`` and Adam ``step``), held until its group's matrices are all known."""
 
-    adam, rule = AdamSettings.of(group), RESIDUAL_RULES[group["residual"]]
-    grad_sq = (torch.empty(grad.shape[0 if side == "right" else 1], dtype=torch.float32, device=grad.device)
-               if rule.reads_norms else None)
-    direction, low = project_adam(grad, basis, side, state["exp_avg"], state["exp_avg_sq"], beta1=adam.beta1,
-                                  beta2=adam.beta2, eps=adam.eps,
-                                  denom_scale=1.0 / second_moment_divisor(step, adam=adam), return_low=rule.reads_low,
-                                  grad_sq_out=grad_sq)
-    args = rule.kernel(SubspaceStep(grad, basis, side, low, direction, lr, adam_step_size(lr, step, adam=adam),
-                                    grad_sq=grad_sq), group, state)
+    weight: Tensor
+    grad: Tensor
+    basis: Tensor
+    state: dict
+    side: str
+    step: float
+
+    def bucket(self) -> tuple:
+        """Matrices with equal keys (layouts, dtypes, side, step) share the kernels' launches."""
+        tensors = (self.weight, self.grad, self.basis, self.state["exp_avg"], self.state["exp_avg_sq"])
+        return (self.side, self.step, *((tuple(t.shape), t.stride(), t.dtype) for t in tensors))
+
+
+def _fused_updates(group: dict, matrices: list[FusedMatrix]) -> None:
+    """Steps 2-5 of the module docstring in Triton kernels (:mod:`lrtrain.kernels.subspace_adam`), one launch
+    of each kernel per bucket of equal matrices (:meth:`FusedMatrix.bucket`): the projection with the moment
+    update, the rule's coefficients (torch, per matrix), then the back-projection with the residual rule and
+    the decay, written into each weight in its own dtype."""
+    from ..kernels.subspace_adam import project_adam_grouped, project_back_update_grouped_
+
+    adam, rule, lr = AdamSettings.of(group), RESIDUAL_RULES[group["residual"]], float(group["lr"])
     # W ← keep·W - alpha·(...): the decay's factor, which also scales the update when it comes after it
     before, after = decoupled_decay(lr, adam=adam)
-    args["alpha"], args["gamma"] = args["alpha"] * after, args["gamma"] * after
-    project_back_update_(weight, basis=basis, side=side, keep=before * after, grad=grad, **args)
+    buckets: dict[tuple, list[FusedMatrix]] = {}
+    for matrix in matrices:
+        buckets.setdefault(matrix.bucket(), []).append(matrix)
+    for bucket in buckets.values():
+        side, step, grads = bucket[0].side, bucket[0].step, [m.grad for m in bucket]
+        bases, states = [m.basis for m in bucket], [m.state for m in bucket]
+        grad_sqs = ([torch.empty(g.shape[0 if side == "right" else 1], dtype=torch.float32, device=g.device)
+                     for g in grads] if rule.reads_norms else None)
+        directions, lows = project_adam_grouped(
+            grads, bases, side, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            beta1=adam.beta1, beta2=adam.beta2, eps=adam.eps, denom_scale=1.0 / second_moment_divisor(step, adam=adam),
+            return_low=rule.reads_low, grad_sq_outs=grad_sqs)
+        step_size = adam_step_size(lr, step, adam=adam)
+        args = [rule.kernel(SubspaceStep(g, q, side, None if lows is None else lows[k], directions[k], lr, step_size,
+                                         grad_sq=None if grad_sqs is None else grad_sqs[k]), group, state)
+                for k, (g, q, state) in enumerate(zip(grads, bases, states))]
+        project_back_update_grouped_(
+            [m.weight for m in bucket], [a["direction"] for a in args], bases, side, keep=before * after,
+            alpha=args[0]["alpha"] * after, residual=args[0]["residual"], gamma=args[0]["gamma"] * after,
+            grads=grads, coefs=[a.get("coef") for a in args], lows=[a.get("low") for a in args])
 
 
 def _loaded_entry(key: str, value: Any, p: Tensor, group: dict) -> Any:
