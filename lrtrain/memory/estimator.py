@@ -71,6 +71,7 @@ def _trained_tensors(method: str, model: str, vocab_size: int, wb: int, state_bi
     copies of G and W besides; FRUGAL's
     state-free update the float32 weight, gradient and sign (12; 4 in fp32); Adafactor its float32
     gradient and weight, G² + ε and its update (of R's size in a subspace)."""
+    from ..optim.projector import CPU_HALF_BLOCK
     from ..optim.quantized import CHUNK
 
     h, layers = LLAMA_SIZES[model]["hidden_size"], LLAMA_SIZES[model]["num_hidden_layers"]
@@ -111,6 +112,8 @@ def _trained_tensors(method: str, model: str, vocab_size: int, wb: int, state_bi
             if half:  # G, W and the basis in their half type: the basis' copy unless stored so, and N's
                 half_basis = 0 if STORAGE_BYTES[basis_dtype] in (None, 2) else 2 * r * short
                 steady = half_basis + 4 * r * long * low_copies + 2 * r * long
+                if device == "cpu":  # products in float32 row blocks (projector.CPU_HALF_BLOCK), float32 N, basis
+                    steady += 8 * min(CPU_HALF_BLOCK, -(-m // 8) * n) + 4 * r * (long + short)
             else:
                 steady = working + 4 * r * long * low_copies
             if method == "fira":  # its scaled residual's low-rank terms
