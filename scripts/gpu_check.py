@@ -88,10 +88,9 @@ def ceilings(device: torch.device, size: int, rounds: int) -> dict[str, float]:
 def kernels_against_float64(device: torch.device, shapes: list[tuple[int, int, int]], precisions: tuple[str, ...],
                             dtypes: tuple[torch.dtype, ...]) -> list[str]:
     """Section 2: every given precision and weight dtype, both sides, every rule; returns the failures."""
-    from lrtrain.kernels.subspace_adam import RESIDUAL_CODES, project_adam, project_back_update_
+    from lrtrain.kernels.subspace_adam import RESIDUAL_CODES, product_error_bound, project_adam, project_back_update_
     from lrtrain.optim.subspace import roundoff_floor
 
-    roundoff = {"bf16": 2.0**-8, "fp16": 2.0**-11, "tf32": 2.0**-11, "tf32x3": 2.0**-21, "ieee": 0.0}
     failures = []
     for (m, n, r), side, precision, dtype in ((s, side, p, d) for s in shapes for side in ("right", "left")
                                               for p in precisions for d in dtypes):
@@ -101,9 +100,8 @@ def kernels_against_float64(device: torch.device, shapes: list[tuple[int, int, i
         basis = basis64.float()
         down = (lambda x, q=basis64: x @ q.T) if side == "right" else (lambda x, q=basis64: q.T @ x)
         back = (lambda x, q=basis64: x @ q) if side == "right" else (lambda x, q=basis64: q @ x)
-        inner = n if side == "right" else m
-        absdown = grad.double().abs() @ basis64.abs().T if side == "right" else basis64.abs().T @ grad.double().abs()
-        bound = 2 * (2 * roundoff[precision] + inner * 2.0**-24) * absdown
+        bound = product_error_bound(*((grad.double().abs(), basis64.abs().T) if side == "right" else
+                                      (basis64.abs().T, grad.double().abs())), precision)
         results = []
         for _ in range(2):  # twice: the same bits
             exp_avg = torch.full((m, r) if side == "right" else (r, n), 0.5, device=device)
@@ -145,8 +143,12 @@ def kernels_against_float64(device: torch.device, shapes: list[tuple[int, int, i
             elif residual == "sgd":
                 want -= 0.05 * (g - back(low.double()))
             if residual != "sign_sgd":  # sign-SGD's signs near its floor are checked on the CPU
-                allowed = 0.1 * 4 * (2 * roundoff[precision] + r * 2.0**-24) * back(direction.double()).abs().add(1) \
-                    + (2.0**-7 if dtype == torch.bfloat16 else 1e-6) * (want.abs() + 1)
+                d, q = direction.double().abs(), basis64.abs()
+                product = product_error_bound(*((d, q) if side == "right" else (q, d)), precision)
+                if residual == "sgd":  # back(R), always in float32
+                    r64 = low.double().abs()
+                    product = product + product_error_bound(*((r64, q) if side == "right" else (q, r64)), "ieee")
+                allowed = 0.1 * product + (2.0**-7 if dtype == torch.bfloat16 else 1e-6) * (want.abs() + 1)
                 if not ((got - want).abs() <= allowed).all():
                     failures.append(label + ": outside the precision's bound")
     return failures

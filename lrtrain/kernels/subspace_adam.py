@@ -63,6 +63,21 @@ FMA_TILES = [
 INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 
 
+#: The unit round-off of an operand rounded for each precision's products (bf16 / fp16 / tf32 keep 8 / 11 / 11
+#: mantissa bits, counted as a whole ulp since Triton's interpreter truncates; tf32x3 splits a float32 in two
+#: tf32 parts and drops lo·lo: about 2^-21), and of a float32 sum.
+OPERAND_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11, "tf32": 2.0**-11, "tf32x3": 2.0**-21, "ieee": 0.0}
+FLOAT32_ROUNDOFF = 2.0**-24
+
+
+def product_error_bound(a_abs: Tensor, b_abs: Tensor, precision: str) -> Tensor:
+    """A bound on |fl(A·B) - A·B| entry by entry for the kernels' products at ``precision``, from |A| (m, k)
+    and |B| (k, n): both operands rounded (2u·|A|·|B|) and float32 accumulation over k terms (k·u32·|A|·|B|),
+    first order, with a factor 2 margin for the second-order terms and the order of the sums."""
+    inner = a_abs.shape[1]
+    return 2 * (2 * OPERAND_ROUNDOFF[precision] + inner * FLOAT32_ROUNDOFF) * (a_abs @ b_abs)
+
+
 def default_precision(dtype: torch.dtype) -> str:
     """The products' precision for weights of ``dtype``: their own half type, or for float32 weights
     "ieee" under torch's "highest" float32 matmul precision and "tf32" under "high" or "medium"."""

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lrtrain.kernels.subspace_adam import PRECISIONS, default_precision, project_adam, project_back_update_
+from lrtrain.kernels.subspace_adam import (
+    PRECISIONS,
+    default_precision,
+    product_error_bound,
+    project_adam,
+    project_back_update_,
+)
 from lrtrain.optim import FiraAdamW, FrugalAdamW, GaLoreAdamW, LayerwiseUpdates, param_groups, subspace
 from lrtrain.optim.subspace import roundoff_floor
 from tests.conftest import TinyLM
@@ -23,10 +29,6 @@ SHAPES = [(37, 53, 5), (64, 48, 16), (45, 130, 33)]
 #: one shape that is not a multiple of any tile (ieee, the fp32 default, also runs in every fused-step test).
 CASES_BY_PRECISION = [(precision, shape) for precision in PRECISIONS
                       for shape in (SHAPES if precision == "bf16" else SHAPES[:1])]
-#: Unit round-off of an operand rounded for the product (a bf16 / fp16 / tf32 mantissa of 8 / 11 / 11 bits;
-#: tf32x3 splits each float32 in two tf32 parts and drops the lo·lo term: about 2^-21) and of float32 sums.
-OPERAND_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11, "tf32": 2.0**-11, "tf32x3": 2.0**-21, "ieee": 0.0}
-FLOAT32_ROUNDOFF = 2.0**-24
 #: Rounding into the stored dtype: one ulp (the interpreter truncates on a downcast, so a whole ulp).
 STORAGE_ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7}
 
@@ -44,12 +46,6 @@ def _back(x, basis, side):
     return x @ basis if side == "right" else basis @ x
 
 
-def _product_bound(a_abs, b_abs, inner, precision):
-    """First-order bound on |fl(A·B) - A·B| entry by entry: both operands rounded to the precision
-    (2u·|A|·|B|) and float32 accumulation over ``inner`` terms (inner·u32·|A|·|B|), with a factor 2 margin."""
-    return 2 * (2 * OPERAND_ROUNDOFF[precision] + inner * FLOAT32_ROUNDOFF) * (a_abs @ b_abs)
-
-
 @pytest.mark.parametrize("precision, shape", CASES_BY_PRECISION)
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -58,8 +54,8 @@ def test_project_adam_against_float64(precision, shape, side, dtype):
     grad = torch.randn(m, n).to(dtype)
     basis = _basis(m, n, r, side).float()
     low = _down(grad.double(), basis.double(), side)
-    bound = _product_bound(*((grad.double().abs(), basis.double().abs().T) if side == "right" else
-                             (basis.double().abs().T, grad.double().abs())), m if side == "left" else n, precision)
+    bound = product_error_bound(*((grad.double().abs(), basis.double().abs().T) if side == "right" else
+                                  (basis.double().abs().T, grad.double().abs())), precision)
     exp_avg, exp_avg_sq = torch.randn(low.shape), torch.rand(low.shape)
     moments = exp_avg.clone(), exp_avg_sq.clone()
     grad_sq = torch.full((m if side == "right" else n,), float("nan"))
@@ -92,8 +88,8 @@ def test_project_back_update_against_float64(precision, shape, side, dtype, resi
     direction, low, basis = direction.float().double(), low.float().double(), basis.float().double()
     coef = torch.rand(m if side == "right" else n, dtype=torch.float64)
     want = 0.99 * weight.double() - 0.1 * _back(direction, basis, side)
-    bound = 0.1 * _product_bound(*((direction.abs(), basis.abs()) if side == "right" else
-                                   (basis.abs(), direction.abs())), r, precision)
+    bound = 0.1 * product_error_bound(*((direction.abs(), basis.abs()) if side == "right" else
+                                        (basis.abs(), direction.abs())), precision)
     g = grad.double()
     if residual == "fira":
         want -= 0.05 * (coef[:, None] if side == "right" else coef[None, :]) * g
@@ -104,8 +100,8 @@ def test_project_back_update_against_float64(precision, shape, side, dtype, resi
         want -= 0.05 * torch.sign(torch.where(outside.abs() <= floor, 0.0, outside))
     elif residual == "sgd":
         want -= 0.05 * (g - _back(low, basis, side))
-        bound += 0.05 * _product_bound(*((low.abs(), basis.abs()) if side == "right" else
-                                         (basis.abs(), low.abs())), r, "ieee")
+        bound += 0.05 * product_error_bound(*((low.abs(), basis.abs()) if side == "right" else
+                                              (basis.abs(), low.abs())), "ieee")
     project_back_update_(weight, direction.float(), basis.float(), side, keep=0.99, alpha=0.1, residual=residual,
                          gamma=0.05, grad=grad, coef=coef.float(), low=low.float(), precision=precision)
     assert weight.dtype == dtype
