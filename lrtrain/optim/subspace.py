@@ -529,7 +529,7 @@ class SubspaceAdamW(Optimizer):
             return
         side = shards.view_side(plan.side)
         operand = dtype if fused else operand_dtype(group, p)  # the kernels read a half gradient as it is
-        basis = shards.basis_view(load_basis(state, group, plan, p, dtype if fused else operand), side, operand)
+        basis = shards.basis_view(load_basis(state, group, plan, p, operand), side, operand)
         step = count_step(state)
         if fused:
             return FusedMatrix(p, grad, basis, state, side, step)
