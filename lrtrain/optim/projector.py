@@ -258,6 +258,28 @@ def basis_transition(previous: Tensor, new: Tensor, side: str, shape: tuple[int,
     return previous @ new.T if side == "right" else new.T @ previous
 
 
+def aligned_basis(previous: Tensor, new: Tensor, side: str) -> Tensor:
+    """``new`` turned within its own span to the basis nearest ``previous`` (orthogonal Procrustes), so that
+    moments kept across the refresh keep the directions their coordinates stand for.
+
+    With T = basis_transition(previous, new) = U Σ Vᵀ (r, r), O = U Vᵀ minimises ‖O·Q_new - Q_prev‖ (right,
+    returns O·Q_new) or ‖P_new·O - P_prev‖ (left, returns P_new·O); the transition to the result is then
+    U Σ Uᵀ, symmetric and as near the identity as the two subspaces allow. A ``new`` that spans the
+    subspace of ``previous`` gives ``previous`` back. Float bases of one side and dtype."""
+    transition = basis_transition(previous, new, side, ())
+    u, _, vh = torch.linalg.svd(transition)
+    rotation = u @ vh
+    return (rotation @ new if side == "right" else new @ rotation).contiguous()
+
+
+def sign_aligned_basis(previous: Tensor, new: Tensor, side: str) -> Tensor:
+    """``new`` with each vector flipped to point along the previous basis' vector of the same position:
+    the signs s_i of T_ii, T = basis_transition(previous, new), a zero counting as +. The vectors and their
+    order (by singular value) stay, so R's coordinates stay uncorrelated, as an SVD basis makes them."""
+    signs = torch.where(torch.diagonal(basis_transition(previous, new, side, ())) < 0, -1.0, 1.0).to(new.dtype)
+    return (signs[:, None] * new if side == "right" else new * signs).contiguous()
+
+
 def dense_basis(basis: Tensor, side: str, shape: tuple[int, ...]) -> Tensor:
     """A float basis as it is; coordinate indices as one-hot rows (right, (r, n)) or columns (left, (m, r))."""
     if basis.is_floating_point():

@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from lrtrain.optim import FrugalAdamW, GaLoreAdamW, LayerwiseUpdates, param_groups, subspace
-from lrtrain.optim.projector import basis_transition, dense_basis, project, project_back
+from lrtrain.optim.engine import refresh
+from lrtrain.optim.projector import (
+    aligned_basis,
+    basis_transition,
+    dense_basis,
+    project,
+    project_back,
+    sign_aligned_basis,
+)
 from lrtrain.optim.subspace import rotate_moments_
 from tests.conftest import TinyLM, assert_resume_is_exact
 from tests.tolerance import SEED
@@ -135,3 +143,144 @@ def test_project_runs_in_the_optimizer_with_8_bit_moments():
         w.grad = torch.randn_like(w)
         opt.step()
     assert opt.state[w]["exp_avg"].dtype == torch.uint8 and torch.isfinite(w).all()
+
+
+# --------------------------------------------------------------------------- basis alignment
+
+
+def _orthonormal(dim, rank, side, generator):
+    q = torch.linalg.qr(torch.randn(dim, rank, dtype=F64, generator=generator))[0]
+    return q.T.contiguous() if side == "right" else q
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_basis_turned_within_its_subspace_aligns_back_to_the_previous_one(side):
+    generator = torch.Generator().manual_seed(SEED + 11)
+    previous = _orthonormal(23, 7, side, generator)
+    rotation = torch.linalg.qr(torch.randn(7, 7, dtype=F64, generator=generator))[0]
+    turned = rotation @ previous if side == "right" else previous @ rotation
+    torch.testing.assert_close(aligned_basis(previous, turned, side), previous, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_aligned_basis_spans_the_new_subspace_nearest_the_previous_basis(side):
+    generator = torch.Generator().manual_seed(SEED + 12)
+    previous, new = _orthonormal(31, 6, side, generator), _orthonormal(31, 6, side, generator)
+    aligned = aligned_basis(previous, new, side)
+    def projector(q):
+        return q.T @ q if side == "right" else q @ q.T
+    torch.testing.assert_close(projector(aligned), projector(new), rtol=0, atol=1e-12)  # the same subspace
+    transition = basis_transition(previous, aligned, side, ())
+    torch.testing.assert_close(transition, transition.T, rtol=0, atol=1e-12)  # U Σ Uᵀ: symmetric ...
+    assert torch.linalg.eigvalsh(transition).min() > -1e-12  # ... and positive semi-definite
+    for _ in range(20):  # no other orthonormal basis of the new subspace is nearer the previous one
+        rotation = torch.linalg.qr(torch.randn(6, 6, dtype=F64, generator=generator))[0]
+        other = rotation @ new if side == "right" else new @ rotation
+        assert torch.dist(aligned, previous) <= torch.dist(other, previous) + 1e-12
+
+
+def _fixed_subspace_run(alignment, gap, side):
+    """Weights after 9 steps of GaLore with randomized refreshes every ``gap`` steps, on gradients that all
+    lie in one rank-4 subspace (a fixed row space on the right, a fixed column space on the left)."""
+    generator = torch.Generator().manual_seed(SEED + 13)
+    shape, rank = (14, 40) if side == "right" else (40, 14), 4
+    fixed = torch.randn(rank, 40, dtype=F64, generator=generator)
+    w = torch.nn.Parameter(torch.randn(shape, dtype=F64, generator=generator))
+    opt = GaLoreAdamW([{"params": [w], "rank": rank, "update_proj_gap": gap}], lr=0.01, proj_method="randomized", proj_type=side,
+                      basis_alignment=alignment, power_iters=1, oversample=2)
+    for _ in range(9):
+        coefficients = torch.randn(14, rank, dtype=F64, generator=generator)
+        w.grad = coefficients @ fixed if side == "right" else (coefficients @ fixed).T
+        opt.step()
+    return w.detach().clone()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_aligned_refreshes_of_an_unchanged_subspace_leave_the_updates_unchanged(side):
+    once = _fixed_subspace_run("procrustes", 1000, side)  # the first refresh only
+    torch.testing.assert_close(_fixed_subspace_run("procrustes", 2, side), once, rtol=0, atol=1e-11)
+    # unaligned, each refresh orders the same subspace by the newest gradient's spectrum: the kept moments
+    # then stand for other directions
+    assert (_fixed_subspace_run("none", 2, side) - once).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_sign_alignment_flips_vectors_only(side):
+    generator = torch.Generator().manual_seed(SEED + 15)
+    previous, new = _orthonormal(19, 5, side, generator), _orthonormal(19, 5, side, generator)
+    signs = torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0], dtype=F64)
+    flipped = signs[:, None] * previous if side == "right" else previous * signs
+    torch.testing.assert_close(sign_aligned_basis(previous, flipped, side), previous, rtol=0, atol=0)
+    aligned = sign_aligned_basis(previous, new, side)
+    ratio = aligned / new  # each vector kept or negated, in its place
+    assert set(ratio.round().unique().tolist()) <= {-1.0, 1.0}
+    assert (torch.diagonal(basis_transition(previous, aligned, side, ())) >= 0).all()
+
+
+def test_alignment_applies_where_asked_to_bases_from_the_gradient(monkeypatch):
+    calls = []
+    for name in ("aligned_basis", "sign_aligned_basis"):
+        original = getattr(refresh, name)
+        monkeypatch.setattr(refresh, name, lambda *args, original=original: calls.append(1) or original(*args))
+    w = torch.nn.Parameter(torch.randn(12, 30))
+    for method, alignment, aligns in (("randomized", "none", False), ("svd", "none", False),
+                                      ("svd", "procrustes", True), ("randomized", "signs", True)):
+        opt = GaLoreAdamW([{"params": [w], "rank": 3, "update_proj_gap": 1}], proj_method=method,
+                          basis_alignment=alignment)
+        calls.clear()
+        for _ in range(3):
+            w.grad = torch.randn_like(w)
+            opt.step()
+        assert len(calls) == (2 if aligns else 0), (method, alignment)  # not at the first refresh
+    with pytest.raises(ValueError, match="basis_alignment='procrustes' aligns bases found from the gradient"):
+        GaLoreAdamW([{"params": [w], "rank": 3}], proj_method="random", basis_alignment="procrustes")
+
+
+# --------------------------------------------------------------------------- second-moment transport
+
+
+def _adam_moments(steps, low_shape, generator, beta1=0.9, beta2=0.999):
+    """Adam's moments after ``steps`` of random low-rank gradients of very different scales per coordinate."""
+    m, v = torch.zeros(low_shape, dtype=F64), torch.zeros(low_shape, dtype=F64)
+    scales = 10.0 ** torch.empty(low_shape, dtype=F64).uniform_(-3, 1, generator=generator)
+    for _ in range(steps):
+        r = scales * torch.randn(low_shape, dtype=F64, generator=generator)
+        m.mul_(beta1).add_(r, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(r, r, value=1 - beta2)
+    return m, v
+
+
+def _ratio(m, v):
+    return (m.abs() / v.sqrt().clamp_min(1e-300)).max()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_projected_second_moment_bounds_the_normalised_step_on_adversarial_rotations(side):
+    generator = torch.Generator().manual_seed(SEED + 14)
+    rank = 16
+    low_shape = (9, rank) if side == "right" else (rank, 9)
+    coordinates = 1 if side == "right" else 0
+    hadamard = torch.tensor([[1.0]], dtype=F64)
+    while hadamard.shape[0] < rank:
+        hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)])
+    rotations = [torch.linalg.qr(torch.randn(rank, rank, dtype=F64, generator=generator))[0] for _ in range(10)]
+    # (T, adversarial): Adam's moments as they come, or every |M| at its bound with signs that add up in the
+    # first new coordinate, and for the Hadamard rotation (which spreads each old coordinate over all new
+    # ones) also equal V across the coordinates: the variance map's worst case
+    cases = [(t, None) for t in rotations] + [(t, "signs") for t in rotations] + [(hadamard / rank**0.5, "equal")]
+    worst_old_map = 0.0
+    for transition, adversary in cases:
+        m, v = _adam_moments(30, low_shape, generator)
+        if adversary == "equal":
+            v = v.mean(dim=coordinates, keepdim=True).expand_as(v).clone()
+        if adversary is not None:
+            signs = torch.sign(transition if side == "left" else transition.T)[0]
+            m = v.sqrt() * (signs if side == "right" else signs[:, None])
+        bound = _ratio(m, v)
+        m_new, v_new = m.clone(), v.clone()
+        rotate_moments_(m_new, v_new, transition, side)
+        assert _ratio(m_new, v_new) <= bound * (1 + 1e-12)
+        old_v = v @ transition.square() if side == "right" else transition.square() @ v
+        worst_old_map = max(worst_old_map, float(_ratio(m_new, old_v) / bound))
+    # the variance map V·(T⊙T) this replaced lets the step grow by √r = 4 right after such a refresh
+    assert worst_old_map > 0.99 * rank**0.5

@@ -17,6 +17,13 @@ from .rules import RESIDUAL_RULES
 from .storage import SEEDED_BASES
 
 GROUP_METHODS = (*PROJ_METHODS, "blocks")
+#: The refreshes whose new basis ``basis_alignment`` may turn towards the previous one.
+ALIGNED_METHODS = ("svd", "randomized")
+
+
+def aligns_basis(group: dict) -> bool:
+    """Whether a refresh of this group aligns its new basis with the previous one (``basis_alignment``)."""
+    return group["proj_method"] in ALIGNED_METHODS and group["basis_alignment"] != "none"
 
 
 def _option(default: Any, doc: str, *, low: float | None = None, choices: Callable[[], tuple] | None = None) -> Any:
@@ -59,6 +66,10 @@ class GroupOptions:
     basis_signs: Literal["lapack", "canonical"] = _option(
         "lapack", "the SVD's signs as LAPACK returns them (as galore-torch), or each vector's largest entry "
                   "positive (runs agree across thread counts and process layouts)")
+    basis_alignment: Literal["none", "signs", "procrustes"] = _option(
+        "none", "a refreshed basis as found (its vectors by singular value), each vector flipped to point along "
+                "the previous one at its position, or turned within its subspace to the nearest of the previous "
+                "basis (orthogonal Procrustes; measured worse with Adam: see the README's refresh quality)")
     state_bits: Literal[32, 8] = _option(32, "8: moments as bitsandbytes' blockwise 8-bit codes (plain groups "
                                              "too)")
     moment_dtype: Literal["param", "float32", "bfloat16"] = _option(
@@ -234,6 +245,10 @@ COMBINATIONS: tuple[Combination, ...] = (
     Combination(lambda g: g["basis_dtype"] == "seed" and g["proj_method"] not in SEEDED_BASES,
                 lambda g: f"basis_dtype='seed' draws the basis again from its seed: it needs proj_method='gaussian' "
                           f"or 'random', not {g['proj_method']!r}", subspace=True),
+    Combination(lambda g: g["basis_alignment"] != "none" and g["proj_method"] not in ALIGNED_METHODS,
+                lambda g: f"basis_alignment={g['basis_alignment']!r} aligns bases found from the gradient (proj_method "
+                          f"'svd' or 'randomized'); {g['proj_method']!r} bases are drawn from seeds: use "
+                          "basis_alignment='none'"),
     Combination(lambda g: bool(g["fused"]) and not kernels_available(),
                 lambda g: "fused=True runs lrtrain's Triton kernels: pip install triton (or lrtrain[kernels]), "
                           "or leave fused=None (kernels where they apply) or False"),

@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 
 from ...distributed import MatrixShards
 from ..projector import (
+    aligned_basis,
     basis_transition,
     canonical_signs_,
     coordinate_basis,
@@ -22,8 +23,10 @@ from ..projector import (
     next_seed,
     randomized_basis,
     robust_svd_basis,
+    sign_aligned_basis,
 )
 from ..quantized import float_moments, init_8bit_moments, zero_moments_
+from .options import ALIGNED_METHODS, aligns_basis
 from .storage import SEEDED_BASES, has_basis, load_basis, storage_dtype, store_basis_
 
 
@@ -71,7 +74,10 @@ def refresh_basis(group: dict, plan: MatrixPlan, p: Tensor, grad: Tensor, state:
             basis = SEEDED_BASES[method](seed, shape, rank, side, dtype=grad.dtype, device=grad.device)
         else:
             basis = coordinate_basis(seed, shape, rank, side, device=grad.device)
-    if group["basis_signs"] == "canonical" and method in ("svd", "randomized"):
+    if previous is not None and aligns_basis(group):
+        align = aligned_basis if group["basis_alignment"] == "procrustes" else sign_aligned_basis
+        basis = align(previous, basis, side)  # which also fixes the signs
+    elif group["basis_signs"] == "canonical" and method in ALIGNED_METHODS:
         canonical_signs_(basis, side)
     store_basis_(state, basis, side, group["basis_dtype"], p.dtype)
     if group["stagger_refresh"]:  # matrix i of n: the first period is shortened by i/n of a gap
@@ -134,14 +140,18 @@ def randomized_refresh(group: dict, plan: MatrixPlan, p: Tensor, grad: Tensor, p
 def rotate_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, transition: Tensor, side: str) -> None:
     """Carry the moments into a new basis (``refresh_moments="project"``), in place.
 
-    M is re-expressed exactly: M·T on the right ((m, r)·(r, r')), T·M on the left. V, a second moment
-    per coordinate, has no exact image (it would need the covariance of R); it maps through T⊙T,
-    the variance of each new coordinate if the old ones were independent: V·(T⊙T) or (T⊙T)·V. This
-    keeps V >= 0, and equals V permuted when the new basis permutes the old one (signs included)."""
-    squared = transition.square()
+    M is re-expressed exactly: M' = M·T on the right ((m, r)·(r, r')), T·M on the left. V, a second moment
+    per coordinate, has no exact image (it would need the covariance of R); it maps as √V' = √V·|T| (|T|·√V
+    on the left), the triangle inequality's bound on |M'| from the old coordinates, so that
+    |M'|/√V' <= max |M|/√V over the old ones: the normalised step right after a refresh is bounded as Adam's
+    is. (The variance map V·(T⊙T) is not: by Cauchy-Schwarz |M'|/√V' reaches √r times the old bound.) V' >= 0;
+    a basis that permutes (or flips) the old one permutes V; a new coordinate orthogonal to the old ones
+    starts at 0."""
+    magnitude = transition.abs()
+    root = exp_avg_sq.sqrt()
     if side == "right":
         exp_avg.copy_(exp_avg @ transition)
-        exp_avg_sq.copy_(exp_avg_sq @ squared)
+        exp_avg_sq.copy_((root @ magnitude).square_())
     else:
         exp_avg.copy_(transition @ exp_avg)
-        exp_avg_sq.copy_(squared @ exp_avg_sq)
+        exp_avg_sq.copy_((magnitude @ root).square_())
