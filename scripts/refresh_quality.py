@@ -21,6 +21,7 @@ an interrupted grid resumes, and ``--workers`` processes (one thread each) share
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -33,7 +34,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 #: What one run is: its task and seed, and the refresh options of its GaLore.
-FIELDS = ("task", "gap", "rank_fraction", "method", "power_iters", "moments", "stagger", "alignment", "seed")
+FIELDS = ("task", "gap", "rank_fraction", "method", "power_iters", "moments", "stagger", "alignment", "transport",
+          "seed")
+#: The value of a field that older records lack.
+DEFAULTS = {"alignment": "none", "transport": "bounded"}
 
 
 @dataclass(frozen=True)
@@ -63,11 +67,30 @@ STAGGER = (False, True)
 SEEDS = (0, 1, 2)
 #: The basis_alignment study: each alignment against none, with kept moments (where alignment matters).
 ALIGNMENTS = ("none", "signs", "procrustes")
+#: The study of refresh_moments="project"'s second-moment map: lrtrain's (``bounded``) against two others.
+TRANSPORTS = ("bounded", "independent", "triangle")
 
 
-def alignment_grid(tasks=tuple(TASKS)) -> list:
-    return grid(tasks=tasks, gaps=(10, 50), ranks=(0.25,), methods=(("svd", 2), ("randomized", 2)), moments=("keep",),
-                stagger=(False,), alignments=ALIGNMENTS)
+def _variance_map(kind: str):
+    """``rotate_moments_`` with another map of V (M is carried exactly in all): ``independent`` V·(T⊙T), the
+    variance if the old coordinates were independent (lrtrain's before the bound); ``triangle`` (√V·|T|)², the
+    triangle inequality's sure bound on |M'|."""
+    def rotate_moments_(exp_avg, exp_avg_sq, transition, side):
+        def times(x, t):
+            return x @ t if side == "right" else t @ x
+        variance = (times(exp_avg_sq, transition.square()) if kind == "independent"
+                    else times(exp_avg_sq.sqrt(), transition.abs()).square())
+        exp_avg.copy_(times(exp_avg, transition))
+        exp_avg_sq.copy_(variance)
+    return rotate_moments_
+
+
+def study_grid(tasks=tuple(TASKS)) -> list:
+    """The alignment study (kept moments, where alignment matters) and the transport study (projected ones)."""
+    return (grid(tasks=tasks, gaps=(10, 50), ranks=(0.25,), methods=(("svd", 2), ("randomized", 2)),
+                 moments=("keep",), stagger=(False,), alignments=ALIGNMENTS)
+            + grid(tasks=tasks, gaps=(10, 50), ranks=(0.125,), methods=(("svd", 2),), moments=("project",),
+                   stagger=(False,), transports=TRANSPORTS[1:]))
 
 
 @dataclass(frozen=True)
@@ -80,6 +103,7 @@ class Cell:
     moments: str
     stagger: bool
     alignment: str
+    transport: str
     seed: int
 
     def key(self) -> tuple:
@@ -87,10 +111,14 @@ class Cell:
 
 
 def grid(tasks=tuple(TASKS), gaps=GAPS, ranks=RANK_FRACTIONS, methods=METHODS, moments=MOMENTS, stagger=STAGGER,
-         alignments=("none",), seeds=SEEDS) -> list[Cell]:
-    return [Cell(task, gap, rank, method, iters, moment, stag, alignment, seed)
-            for task, gap, rank, (method, iters), moment, stag, alignment, seed
-            in itertools.product(tasks, gaps, ranks, methods, moments, stagger, alignments, seeds)]
+         alignments=("none",), transports=("bounded",), seeds=SEEDS) -> list[Cell]:
+    return [Cell(task, gap, rank, method, iters, moment, stag, alignment, transport, seed)
+            for task, gap, rank, (method, iters), moment, stag, alignment, transport, seed
+            in itertools.product(tasks, gaps, ranks, methods, moments, stagger, alignments, transports, seeds)]
+
+
+def field(run: dict, name: str):
+    return run.get(name, DEFAULTS.get(name))
 
 
 def _batches(task: Task, seed: int):
@@ -141,16 +169,33 @@ def train_cell(cell: Cell) -> dict:
                             stagger_refresh=cell.stagger, seed=cell.seed,
                             basis_alignment=cell.alignment if cell.method in ("svd", "randomized") else "none")
     schedule = build_scheduler(optimizer, total_steps=task.steps, warmup_steps=task.steps // 10)
-    for _ in range(task.steps):
-        loss = causal_lm_loss(model, train_batch())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
+    with _transport(cell.transport):
+        for _ in range(task.steps):
+            loss = causal_lm_loss(model, train_batch())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
     with torch.no_grad():
         final = sum(float(causal_lm_loss(model, batch)) * len(batch) for batch in evaluation)
     final /= sum(len(batch) for batch in evaluation)
     return {**asdict(cell), "loss": final, "seconds": round(time.perf_counter() - start, 2)}
+
+
+@contextlib.contextmanager
+def _transport(kind: str):
+    """The refreshes inside use the study's map of V (:func:`_variance_map`) instead of lrtrain's own."""
+    from lrtrain.optim.engine import refresh
+
+    if kind == "bounded":
+        yield
+        return
+    original = refresh.rotate_moments_
+    refresh.rotate_moments_ = _variance_map(kind)
+    try:
+        yield
+    finally:
+        refresh.rotate_moments_ = original
 
 
 def read_runs(path: Path) -> list[dict]:
@@ -170,7 +215,7 @@ def run_worker(cells: list[Cell], out: Path, worker: int, workers: int) -> None:
     import torch
 
     torch.set_num_threads(1)
-    done = {tuple(run[name] for name in FIELDS) for run in read_runs(out / "runs.jsonl")}
+    done = {tuple(field(run, name) for name in FIELDS) for run in read_runs(out / "runs.jsonl")}
     todo = [cell for cell in cells if cell.key() not in done][worker::workers]
     for i, cell in enumerate(todo):
         record = train_cell(cell)
@@ -185,9 +230,19 @@ def summarise(runs: list[dict]) -> dict[tuple, tuple[float, float, int]]:
     """(mean, sample standard deviation, seeds) of the final loss per cell (every field but the seed)."""
     by_cell: dict[tuple, list[float]] = {}
     for run in runs:
-        by_cell.setdefault(tuple(run[name] for name in FIELDS[:-1]), []).append(run["loss"])
+        by_cell.setdefault(tuple(field(run, name) for name in FIELDS[:-1]), []).append(run["loss"])
     return {key: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else math.nan, len(v))
             for key, v in by_cell.items()}
+
+
+def at(stats: dict, task: str, gap: int, rank: float, method: str, iters: int, moments: str, stagger: bool, *,
+       alignment: str = "none", transport: str = "bounded") -> tuple[float, float, int] | None:
+    """A cell's (mean, std, seeds), or None if it has no runs; alignment and transport at their defaults."""
+    return stats.get((task, gap, rank, method, iters, moments, stagger, alignment, transport))
+
+
+def _shown(cell: tuple[float, float, int] | None) -> str:
+    return "-" if cell is None else f"{cell[0]:.4f} ± {cell[1]:.4f}"
 
 
 def method_name(method: str, power_iters: int) -> str:
@@ -200,7 +255,8 @@ def report(runs: list[dict], out: Path) -> str:
     lines = ["# Refresh quality", "",
              "Final loss, mean ± standard deviation over seeds (n seeds in brackets where fewer than the most); "
              "GaLore on llama_tiny, rank = fraction × width 128. Δ: the randomized refresh (2 power iterations, "
-             "the default) against svd with the same moments, mean over seeds, in %.", ""]
+             "the default) against svd with the same moments, mean over seeds, in % (within 1 %: not more than "
+             "1 % above).", ""]
     tasks = sorted({key[0] for key in stats}, key=list(TASKS).index)
     methods = [m for m in METHODS if any((key[3], key[4]) == m for key in stats)]
     most = max(n for _, _, n in stats.values())
@@ -211,12 +267,12 @@ def report(runs: list[dict], out: Path) -> str:
                   "|---:|---:|---|---|" + "---:|" * (len(methods) + 1)]
         values = [sorted({key[k] for key in stats}) for k in (1, 2, 6)]  # gaps, ranks, stagger in the runs
         for gap, rank, stagger, moments in itertools.product(*values, MOMENTS):
-            cells = [stats.get((task, gap, rank, m, i, moments, stagger, "none")) for m, i in methods]
+            cells = [at(stats, task, gap, rank, m, i, moments, stagger) for m, i in methods]
             if not any(cells):
                 continue
             shown = ["-" if c is None else f"{c[0]:.4f} ± {c[1]:.4f}" + (f" ({c[2]})" if c[2] < most else "")
                      for c in cells]
-            svd, randomized = (stats.get((task, gap, rank, m, i, moments, stagger, "none")) for m, i in
+            svd, randomized = (at(stats, task, gap, rank, m, i, moments, stagger) for m, i in
                                (("svd", 2), ("randomized", 2)))
             delta = "-"
             if svd and randomized:
@@ -228,21 +284,31 @@ def report(runs: list[dict], out: Path) -> str:
                          + f" | {delta} |")
             if moments == "project":
                 for m, i in methods:
-                    keep, project = (stats.get((task, gap, rank, m, i, name, stagger, "none"))
-                                     for name in ("keep", "project"))
+                    keep, project = (at(stats, task, gap, rank, m, i, name, stagger) for name in ("keep", "project"))
                     if keep and project and m != "random":
                         checks["project no worse than keep by 1 std"][0] += project[0] <= keep[0] + keep[1]
                         checks["project no worse than keep by 1 std"][1] += 1
         lines.append("")
     lines += ["## Targets", ""] + [f"* {name}: {hit} of {total} cells" for name, (hit, total) in checks.items()]
-    aligned = sorted({key for key in stats if key[7] != "none"})
+    aligned = {key[:5] for key in stats if key[7] != "none"}
     if aligned:
         lines += ["", "## basis_alignment (kept moments, unstaggered)", "",
-                  "| task | gap | rank | refresh | none | signs | procrustes |", "|---|---:|---:|---|---:|---:|---:|"]
-        for task, gap, rank, method, iters in sorted({key[:5] for key in aligned}):
-            shown = [stats.get((task, gap, rank, method, iters, "keep", False, name)) for name in ALIGNMENTS]
+                  "| task | gap | rank | refresh | " + " | ".join(ALIGNMENTS) + " |",
+                  "|---|---:|---:|---|---:|---:|---:|"]
+        for task, gap, rank, method, iters in sorted(aligned):
+            shown = [at(stats, task, gap, rank, method, iters, "keep", False, alignment=name) for name in ALIGNMENTS]
             lines.append(f"| {task} | {gap} | {rank:g} | {method_name(method, iters)} | "
-                         + " | ".join("-" if c is None else f"{c[0]:.4f} ± {c[1]:.4f}" for c in shown) + " |")
+                         + " | ".join(map(_shown, shown)) + " |")
+    transported = {key[:5] for key in stats if key[8] != "bounded"}
+    if transported:
+        lines += ["", "## refresh_moments='project': the map of V (unstaggered)", "",
+                  "| task | gap | rank | refresh | keep | " + " | ".join(f"project, {t}" for t in TRANSPORTS) + " |",
+                  "|---|---:|---:|---|---:|---:|---:|---:|"]
+        for task, gap, rank, method, iters in sorted(transported):
+            shown = [at(stats, task, gap, rank, method, iters, "keep", False)]
+            shown += [at(stats, task, gap, rank, method, iters, "project", False, transport=t) for t in TRANSPORTS]
+            lines.append(f"| {task} | {gap} | {rank:g} | {method_name(method, iters)} | "
+                         + " | ".join(map(_shown, shown)) + " |")
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(text)
@@ -262,8 +328,8 @@ def plot(stats: dict, tasks: list[str], methods: list[tuple[str, int]], path: Pa
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for (method, iters), moments in itertools.product(methods, MOMENTS):
-            points = [(gap, stats[key]) for gap in gaps
-                      if (key := (task, gap, rank, method, iters, moments, False, "none")) in stats]
+            points = [(gap, cell) for gap in gaps
+                      if (cell := at(stats, task, gap, rank, method, iters, moments, False)) is not None]
             if not points:
                 continue
             ax.errorbar([g for g, _ in points], [s[0] for _, s in points], yerr=[s[1] for _, s in points],
@@ -285,7 +351,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes, one thread each")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--report-only", action="store_true", help="only write the report of the runs so far")
-    parser.add_argument("--alignment", action="store_true", help="also run the basis_alignment study")
+    parser.add_argument("--studies", action="store_true", help="also run the alignment and transport studies")
     parser.add_argument("--quick", action="store_true", help="two cells, two seeds, few steps: a smoke test")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -295,7 +361,7 @@ def main() -> None:
         cells = grid(tasks=("memorise",), gaps=(5,), ranks=(0.25,), methods=(("svd", 2), ("randomized", 2)),
                      moments=("keep",), stagger=(False,), seeds=(0, 1))
     else:
-        cells = grid(tasks=tuple(args.tasks)) + (alignment_grid(tuple(args.tasks)) if args.alignment else [])
+        cells = grid(tasks=tuple(args.tasks)) + (study_grid(tuple(args.tasks)) if args.studies else [])
     args.out.mkdir(parents=True, exist_ok=True)
     if args.worker is not None:
         run_worker(cells, args.out, args.worker, args.workers)
@@ -303,7 +369,7 @@ def main() -> None:
     if not args.report_only:
         command = [sys.executable, __file__, "--out", str(args.out), "--workers", str(args.workers),
                    "--tasks", *args.tasks, *(["--quick"] if args.quick else []),
-                   *(["--alignment"] if args.alignment else [])]
+                   *(["--studies"] if args.studies else [])]
         environment = {**os.environ, "OMP_NUM_THREADS": "1"}
         workers = [subprocess.Popen([*command, "--worker", str(k)], env=environment) for k in range(args.workers)]
         if any(worker.wait() != 0 for worker in workers):
