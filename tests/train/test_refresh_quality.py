@@ -45,7 +45,7 @@ def test_report_gives_mean_and_spread_and_counts_the_targets(tmp_path):
     mean, std, n = stats[("memorise", 10, 0.25, "svd", 2, "keep", False, "none", "bounded")]
     assert abs(mean - 1.1) < 1e-12 and abs(std - 0.1) < 1e-12 and n == 3
     report = quality.report(runs, tmp_path)
-    assert "| 10 | 0.25 | no | keep | 1.1000 ± 0.1000 | 1.1100 ± 0.0100 | +0.91 % |" in report
+    assert "| 10 | 0.25 | no | keep | 1.1000 ± 0.1000 | 1.1100 ± 0.0100 | +0.91 % (± 8.34) |" in report  # seed by seed +10, -6.7, +0.9 %
     # project: 1.16 <= 1.1 + 0.1 for svd, 1.3 > 1.11 + 0.01 for randomized; randomized vs svd with project +12 %
     assert "project no worse than keep by 1 std: 1 of 2 cells" in report
     assert "randomized within 1 % of svd: 1 of 2 cells" in report
