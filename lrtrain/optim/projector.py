@@ -195,6 +195,8 @@ def randomized_basis(
     ranks holding the others (the only collectives are then (n, k) and (k, k) sketches):
 
         Ω (n, k), k = rank + oversample: the previous basis (warm start), completed by Gaussian columns
+                                       (only those are drawn; Ω is orthonormalised first only without
+                                       power iterations, whose QR orthonormalises it anyway)
         Ω ← orth(Gᵀ (G Ω))            ``power_iters`` times
         B = G Ω;  Bᵀ B = E Λ Eᵀ       Rayleigh-Ritz on the sketch
         Q = (Ω E_r)ᵀ                   E_r: the eigenvectors of the r largest eigenvalues
@@ -205,10 +207,11 @@ def randomized_basis(
     n = grad.shape[1]
     k = min(rank + oversample, n)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(n, k, generator=generator, dtype=torch.float64).to(grad)
-    if previous is not None:
-        omega[:, : previous.shape[0]] = previous.T
-    omega = torch.linalg.qr(omega).Q
+    kept = 0 if previous is None else previous.shape[0]  # a warm start draws only the oversampled columns
+    gaussian = torch.randn(n, k - kept, generator=generator, dtype=torch.float64).to(grad)
+    omega = gaussian if previous is None else torch.cat([previous.T.to(grad), gaussian], dim=1)
+    if power_iters == 0:  # the Rayleigh-Ritz step needs orthonormal columns; a power iteration's QR gives them
+        omega = torch.linalg.qr(omega).Q
     for _ in range(power_iters):
         omega = torch.linalg.qr(reduce_(grad.T @ (grad @ omega))).Q
     sketch = grad @ omega  # (m or m_local, k)
