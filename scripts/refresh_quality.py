@@ -12,8 +12,8 @@ Every cell runs once per seed (the seed sets the model's initialisation, the dat
 bases). Each finished run is one JSON line of ``<out>/runs.jsonl``; a rerun skips the runs already there, so
 an interrupted grid resumes, and ``--workers`` processes (one thread each) share the grid.
 
-    python scripts/refresh_quality.py --out outputs/refresh_quality --workers 2
-    python scripts/refresh_quality.py --out outputs/refresh_quality --report-only
+    python scripts/refresh_quality.py --workers 2 --studies    # into docs/results/refresh_quality
+    python scripts/refresh_quality.py --report-only
 
 ``--quick`` runs a two-cell, two-seed grid in a few seconds (the test of this script).
 """
@@ -362,7 +362,8 @@ def plot(stats: dict, tasks: list[str], methods: list[tuple[str, int]], path: Pa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("outputs/refresh_quality"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results/refresh_quality"),
+                        help="where the records, report and plot go (the committed ones by default)")
     parser.add_argument("--workers", type=int, default=1, help="processes, one thread each")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--report-only", action="store_true", help="only write the report of the runs so far")
