@@ -26,12 +26,13 @@ import itertools
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from lrtrain.train.report import mean_and_std
 
 #: What one run is: its task and seed, and the refresh options of its GaLore.
 FIELDS = ("task", "gap", "rank_fraction", "method", "power_iters", "moments", "stagger", "alignment", "transport",
@@ -231,8 +232,7 @@ def summarise(runs: list[dict]) -> dict[tuple, tuple[float, float, int]]:
     by_cell: dict[tuple, list[float]] = {}
     for run in runs:
         by_cell.setdefault(tuple(field(run, name) for name in FIELDS[:-1]), []).append(run["loss"])
-    return {key: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else math.nan, len(v))
-            for key, v in by_cell.items()}
+    return {key: (*mean_and_std(v), len(v)) for key, v in by_cell.items()}
 
 
 def at(stats: dict, task: str, gap: int, rank: float, method: str, iters: int, moments: str, stagger: bool, *,
@@ -291,7 +291,7 @@ def report(runs: list[dict], out: Path) -> str:
                 change = 100 * (randomized[0] / svd[0] - 1)
                 paired = paired_changes(runs, (task, gap, rank, "svd", 2, moments, stagger),
                                         (task, gap, rank, "randomized", 2, moments, stagger))
-                spread = statistics.stdev(paired) if len(paired) > 1 else math.nan
+                spread = mean_and_std(paired)[1] if paired else math.nan
                 delta = f"{change:+.2f} % (± {spread:.2f})"
                 checks["randomized within 1 % of svd"][0] += change <= 1.0
                 checks["randomized within 1 % of svd"][1] += 1

@@ -62,6 +62,11 @@ def load_runs(root: str | os.PathLike) -> list[RunRecord]:
     return runs
 
 
+def mean_and_std(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation) of seeds' values; the deviation is NaN for one value."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
 #: Config keys that name or place a run, or draw its randomness: runs that differ only there are one method.
 _NOT_METHOD = ("seed", "run_name", "sweep_name", "output_root", "logger")
 
@@ -78,7 +83,7 @@ class MethodRuns:
         values = [r.summary[key] for r in self.runs if key in r.summary]
         if not values:
             return math.nan, math.nan
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+        return mean_and_std(values)
 
     def curve(self, key: str) -> tuple[list[int], list[float], list[float]]:
         """(steps, mean, standard deviation) of a logged series at the steps every seed logged."""
