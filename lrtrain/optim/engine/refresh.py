@@ -141,17 +141,17 @@ def rotate_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, transition: Tensor, sid
     """Carry the moments into a new basis (``refresh_moments="project"``), in place.
 
     M is re-expressed exactly: M' = M·T on the right ((m, r)·(r, r')), T·M on the left. V, a second moment
-    per coordinate, has no exact image (it would need the covariance of R). It maps as the variance of each
-    new coordinate if the old ones were independent, V·(T⊙T) (on the left (T⊙T)·V), raised where needed so
-    that the normalised step stays within its bound before the refresh: with κ the largest |M|/√V of a row
-    (of a column on the left), V' = max(V·(T⊙T), (M'/κ)²), so |M'|/√V' <= κ, as in Adam. (V·(T⊙T) alone lets
-    |M'|/√V' reach √r·κ, by Cauchy-Schwarz; the tightest sure bound, (√V·|T|)², inflates V up to r-fold and
-    trains worse: see the README's refresh quality.) V' >= 0; a basis that permutes (or flips) the old one
-    permutes V; a new coordinate orthogonal to the old ones starts at 0."""
+    per coordinate, has no exact image (it would need the covariance of R). It keeps its coordinates, as
+    galore-torch keeps both moments: svd and randomized bases are ordered by singular value, so coordinate i
+    is the i-th strongest direction before and after, and a seeded basis' coordinates are exchangeable. V is raised
+    only where the normalised step would exceed its bound before the refresh: with κ the largest |M|/√V of a
+    row (of a column on the left), V' = max(V, (M'/κ)²), so |M'|/√V' <= κ, as in Adam. (The variance of each
+    new coordinate were the old ones independent, V·(T⊙T), gives a direction new to the subspace V = 0: its
+    next steps are Adam's first ones without bias correction, up to 6.6 times the usual size, exactly where
+    the refresh found the gradient strong; it trains worse on text. See the README's refresh quality.) V' >= V >= 0."""
     right = side == "right"
     ratio = torch.where(exp_avg_sq > 0, exp_avg.abs() / exp_avg_sq.sqrt(), 0.0)
     bound = ratio.amax(dim=1 if right else 0, keepdim=True)
     moved = exp_avg @ transition if right else transition @ exp_avg
-    variance = exp_avg_sq @ transition.square() if right else transition.square() @ exp_avg_sq
     exp_avg.copy_(moved)
-    exp_avg_sq.copy_(torch.maximum(variance, torch.where(bound > 0, moved / bound, 0.0).square_()))
+    exp_avg_sq.copy_(torch.maximum(exp_avg_sq, torch.where(bound > 0, moved / bound, 0.0).square_()))
