@@ -49,6 +49,8 @@ def test_report_gives_mean_and_spread_and_counts_the_targets(tmp_path):
     # project: 1.16 <= 1.1 + 0.1 for svd, 1.3 > 1.11 + 0.01 for randomized; randomized vs svd with project +12 %
     assert "project no worse than keep by 1 std: 1 of 2 cells" in report
     assert "randomized within 1 % of svd: 1 of 2 cells" in report
+    # the summary: randomized keep +0.9 %, project +12.1 % (1.3 / 1.16); svd's project +5.5 % over keep
+    assert "| memorise | 10 | 0.25 | 1.1000 ± 0.1000 | +0.9 / - / +12.1 | +5.5 / - | - / - / - |" in report
     assert "| memorise | 10 | 0.25 | svd | 1.1000 ± 0.1000 | - | 0.9500 ± 0.0707 |" in report
     assert "| memorise | 10 | 0.25 | svd | 1.1000 ± 0.1000 | 1.1600 ± 0.0100 | - | - | 1.4000 ± 0.1414 |" in report
     assert json.loads(json.dumps(runs))  # records are plain JSON
