@@ -226,7 +226,7 @@ def run_worker(cells: list[Cell], out: Path, worker: int, workers: int) -> None:
 
     torch.set_num_threads(1)
     done = {tuple(field(run, name) for name in FIELDS) for run in read_runs(out / "runs.jsonl")}
-    todo = [cell for cell in cells if cell.key() not in done][worker::workers]
+    todo = [cell for cell in dict.fromkeys(cells) if cell.key() not in done][worker::workers]  # the studies share cells
     for i, cell in enumerate(todo):
         record = train_cell(cell)
         with open(out / "runs.jsonl", "a") as file:  # one short line per write: appends stay whole
