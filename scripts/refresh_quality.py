@@ -95,6 +95,11 @@ def _variance_map(kind: str):
     return rotate_moments_
 
 
+#: ``--quick``'s grid (its runs are also shortened): two cells, two seeds.
+QUICK = dict(tasks=("memorise",), gaps=(5,), ranks=(0.25,), methods=(("svd", 2), ("randomized", 2)),
+             moments=("keep",), stagger=(False,), seeds=(0, 1))
+
+
 def study_grid(tasks=tuple(TASKS)) -> list:
     """The alignment study (kept moments, where alignment matters) and the transport study (projected ones)."""
     return (grid(tasks=tasks, gaps=(10, 50), ranks=(0.25,), methods=(("svd", 2), ("randomized", 2)),
@@ -408,8 +413,7 @@ def main() -> None:
     if args.quick:
         for name, task in TASKS.items():
             TASKS[name] = Task(**{**asdict(task), "steps": 12, "batch": 4})
-        cells = grid(tasks=("memorise",), gaps=(5,), ranks=(0.25,), methods=(("svd", 2), ("randomized", 2)),
-                     moments=("keep",), stagger=(False,), seeds=(0, 1))
+        cells = grid(**QUICK)
     else:
         cells = grid(tasks=tuple(args.tasks)) + (study_grid(tuple(args.tasks)) if args.studies else [])
     args.out.mkdir(parents=True, exist_ok=True)

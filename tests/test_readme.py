@@ -98,6 +98,8 @@ def test_readme_command_runs(command, outputs, cache_dir):
         done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
         assert done.returncode != 0 and "C4 streams from the Hugging Face Hub and needs network access" in done.stderr
         return
+    if words[:2] == ["python", "scripts/compare.py"] and "--wandb" in words:
+        env = {**env, "WANDB_MODE": "offline"}
     done = _run(argv, env)
 
     if words == ["bash", "scripts/run_main.sh"]:
@@ -121,7 +123,14 @@ def test_readme_command_runs(command, outputs, cache_dir):
         # one row per job: runs of one method are told apart by their folder names
         assert all(f"| llama_tiny-{opt}-dense-optimizer.lr={lr} |" in done.stdout
                    for opt in ("fira", "galore") for lr in ("0.005", "0.01"))
-        assert (Path(argv[2]) / "report.md").exists()
+        sweep = Path(argv[2])
+        report = (sweep / "report.md").read_text()
+        assert report.count("\n| ") == 1 + 4 and "| state at 7B (est.) |" in report  # a header and the 4 runs
+        for image in ("loss_vs_step.png", "loss_vs_memory.png"):
+            assert (sweep / image).stat().st_size > 10_000
+        if "--wandb" in words:  # the table and plots as a wandb run (offline: under the sweep, nothing uploaded)
+            offline = list((sweep / "wandb").glob("offline-run-*/run-*.wandb"))
+            assert len(offline) == 1 and offline[0].stat().st_size > 1000
     elif "--help" in words:
         assert "optimizer" in done.stdout and "model" in done.stdout
     elif words[:3] == ["python", "-m", "lrtrain.memory"]:

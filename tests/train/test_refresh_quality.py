@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("refresh_quality", ROOT / "scripts" / "refresh_quality.py")
 quality = importlib.util.module_from_spec(_spec)
@@ -13,16 +15,18 @@ sys.modules["refresh_quality"] = quality  # its dataclasses look their module up
 _spec.loader.exec_module(quality)
 
 
-def test_quick_grid_runs_resumes_and_reports(tmp_path):
+def test_quick_grid_runs_resumes_and_reports(tmp_path, capsys):
     command = [sys.executable, str(ROOT / "scripts" / "refresh_quality.py"), "--quick", "--out", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True, text=True)
     runs = quality.read_runs(tmp_path / "runs.jsonl")
     assert len(runs) == 4 and all(run["loss"] > 0 for run in runs)
     with open(tmp_path / "runs.jsonl", "a") as file:  # a line cut short by an interrupted worker is skipped
         file.write('{"task": "memor')
-    again = subprocess.run(command, check=True, capture_output=True, text=True)
-    assert "[worker 0]" not in again.stdout  # every run was there: nothing trained again
-    report = (tmp_path / "report.md").read_text()
+    threads = torch.get_num_threads()
+    quality.run_worker(quality.grid(**quality.QUICK), tmp_path, worker=0, workers=1)  # in-process: no start-up
+    torch.set_num_threads(threads)  # a worker runs on one thread
+    assert "[worker 0]" not in capsys.readouterr().out  # every run was there: nothing trained again
+    report = quality.report(quality.read_runs(tmp_path / "runs.jsonl"), tmp_path)
     assert "| 5 | 0.25 | no | keep |" in report and "randomized within 1 % of svd: 1 of 1 cells" in report
     assert (tmp_path / "refresh_quality.png").read_bytes()[:4] == b"\x89PNG"
 
