@@ -79,19 +79,16 @@ def _variance_map(kind: str):
     variance if the old coordinates were independent; ``independent_bounded`` that, raised as lrtrain raises
     its kept V, to (M'/κ)² (lrtrain's map before the kept one); ``triangle`` (√V·|T|)², the triangle
     inequality's sure bound on |M'|."""
-    import torch
+    from lrtrain.optim.engine.refresh import raised_to_bound, step_bound
 
     def rotate_moments_(exp_avg, exp_avg_sq, transition, side):
         def times(x, t):
             return x @ t if side == "right" else t @ x
-        bound = torch.where(exp_avg_sq > 0, exp_avg.abs() / exp_avg_sq.sqrt(), 0.0).amax(
-            dim=1 if side == "right" else 0, keepdim=True)
+        bound = step_bound(exp_avg, exp_avg_sq, side)
         variance = (times(exp_avg_sq.sqrt(), transition.abs()).square() if kind == "triangle"
                     else times(exp_avg_sq, transition.square()))
         exp_avg.copy_(times(exp_avg, transition))
-        if kind == "independent_bounded":
-            variance = torch.maximum(variance, torch.where(bound > 0, exp_avg / bound, 0.0).square())
-        exp_avg_sq.copy_(variance)
+        exp_avg_sq.copy_(raised_to_bound(variance, exp_avg, bound) if kind == "independent_bounded" else variance)
     return rotate_moments_
 
 

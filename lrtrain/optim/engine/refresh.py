@@ -149,9 +149,18 @@ def rotate_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, transition: Tensor, sid
     new coordinate were the old ones independent, V·(T⊙T), gives a direction new to the subspace V = 0: its
     next steps are Adam's first ones without bias correction, up to 6.6 times the usual size, exactly where
     the refresh found the gradient strong; it trains worse on text. See the README's refresh quality.) V' >= V >= 0."""
-    right = side == "right"
+    bound = step_bound(exp_avg, exp_avg_sq, side)
+    exp_avg.copy_(exp_avg @ transition if side == "right" else transition @ exp_avg)
+    exp_avg_sq.copy_(raised_to_bound(exp_avg_sq, exp_avg, bound))
+
+
+def step_bound(exp_avg: Tensor, exp_avg_sq: Tensor, side: str) -> Tensor:
+    """κ: the largest normalised step |M|/√V of each row of the low-rank moments (of each column on the left),
+    keeping its dimension; 0 where V is."""
     ratio = torch.where(exp_avg_sq > 0, exp_avg.abs() / exp_avg_sq.sqrt(), 0.0)
-    bound = ratio.amax(dim=1 if right else 0, keepdim=True)
-    moved = exp_avg @ transition if right else transition @ exp_avg
-    exp_avg.copy_(moved)
-    exp_avg_sq.copy_(torch.maximum(exp_avg_sq, torch.where(bound > 0, moved / bound, 0.0).square_()))
+    return ratio.amax(dim=1 if side == "right" else 0, keepdim=True)
+
+
+def raised_to_bound(variance: Tensor, exp_avg: Tensor, bound: Tensor) -> Tensor:
+    """max(V, (M/κ)²): V raised just enough that |M|/√V <= κ (unraised where κ = 0)."""
+    return torch.maximum(variance, torch.where(bound > 0, exp_avg / bound, 0.0).square_())
